@@ -1,0 +1,141 @@
+"""Validation: raw elements from a source become sorted CSR records plus quarantine rows.
+
+Every element a source read ends up in exactly one place: stored, or counted in a quarantine row
+(``elements``) with its source file, first row number, record and reason. Checks, all vectorised:
+
+- ``value`` not finite;                       - ``error`` infinite, zero or negative (NaN = unknown, kept);
+- ``channel`` not in the channel table;       - duplicate (time, channel, coord) within a record (first kept);
+- records with no elements;                   - records with more than ``max_record_elements`` elements;
+- a record id seen twice (in this batch or already in the store).
+
+Unsorted elements are not an error: they are sorted by (time, channel, coord), static elements
+(time NaN) first, and the number of records that needed it is reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from datasets.format import ELEMENT_DTYPES, QUARANTINE_COLUMNS, ElementSet, RawElements
+
+#: default limit on elements per record (the largest real records here have ~20k: DESI spectra)
+DEFAULT_MAX_RECORD_ELEMENTS = 200_000
+
+
+@dataclass
+class Validated:
+    elements: ElementSet
+    quarantine: pd.DataFrame
+    #: per source file: elements read, stored and quarantined
+    counts: pd.DataFrame
+    records_resorted: int
+
+
+def _quarantine_rows(mask: np.ndarray, raw: RawElements, reason: str, field: str,
+                     detail: np.ndarray | None = None) -> list[pd.DataFrame]:
+    """One row per (record, reason[, detail]) for the elements in ``mask``, with their count."""
+    idx = np.flatnonzero(mask)
+    if len(idx) == 0:
+        return []
+    rec = raw.record[idx]
+    df = pd.DataFrame({"rec": rec, "row": raw.row[idx],
+                       "detail": detail[idx] if detail is not None else ""})
+    g = df.groupby(["rec", "detail"], sort=True, dropna=False).agg(row=("row", "min"), elements=("row", "size"))
+    g = g.reset_index()
+    recs = raw.records.iloc[g["rec"].to_numpy()]
+    reasons = [f"{reason} {d!r}" if d != "" else reason for d in g["detail"]]
+    return [pd.DataFrame({"source_file": recs["source_file"].to_numpy(), "row": g["row"].to_numpy(),
+                          "record_id": recs["record_id"].to_numpy(), "field": field,
+                          "reason": reasons, "elements": g["elements"].to_numpy()})]
+
+
+def validate(raw: RawElements, n_channels: int, max_record_elements: int = DEFAULT_MAX_RECORD_ELEMENTS,
+             known_ids: set[str] | frozenset[str] = frozenset()) -> Validated:
+    """Check, sort and pack ``raw``; everything rejected is counted in the quarantine table."""
+    n_rec = len(raw.records)
+    ids = raw.records["record_id"].astype(str).to_numpy()
+    files = raw.records["source_file"].astype(str).to_numpy()
+    q: list[pd.DataFrame] = [pd.DataFrame(raw.quarantine, columns=QUARANTINE_COLUMNS)] if raw.quarantine else []
+
+    value = raw.value.astype(np.float64)
+    error = raw.error.astype(np.float64)
+    channel = raw.channel.astype(np.int64)
+    bad_channel = (channel < 0) | (channel >= n_channels)
+    bad_value = ~bad_channel & ~np.isfinite(value)
+    bad_error = ~bad_channel & ~bad_value & (np.isinf(error) | (error <= 0))
+    names = raw.channel_name if raw.channel_name is not None else None
+    q += _quarantine_rows(bad_channel, raw, "unknown channel", "channel",
+                          names.astype(str) if names is not None else None)
+    q += _quarantine_rows(bad_value, raw, "value is not finite", "value")
+    q += _quarantine_rows(bad_error, raw, "error is infinite, zero or negative", "error")
+    keep = ~(bad_channel | bad_value | bad_error)
+
+    # Duplicate record ids: the first occurrence in this batch wins unless the store has it already.
+    dup_rec = pd.Series(ids).duplicated().to_numpy() | np.isin(ids, list(known_ids))
+    if dup_rec.any():
+        m = keep & dup_rec[raw.record]
+        q += _quarantine_rows(m, raw, "duplicate record id", "record_id")
+        keep &= ~m
+
+    # Sort kept elements by (record, time with static first, channel, coord).
+    idx = np.flatnonzero(keep)
+    t = raw.time[idx]
+    tkey = np.where(np.isnan(t), -np.inf, t)
+    ckey = np.nan_to_num(raw.coord[idx].astype(np.float64), nan=-np.inf)
+    order = np.lexsort((ckey, channel[idx], tkey, raw.record[idx]))
+    was_sorted = order == np.arange(len(order))
+    resorted = int(len(np.unique(raw.record[idx][~was_sorted]))) if not was_sorted.all() else 0
+    idx = idx[order]
+
+    rec, tk, ch, ck = raw.record[idx], tkey[order], channel[idx], ckey[order]
+    same = (rec[1:] == rec[:-1]) & (tk[1:] == tk[:-1]) & (ch[1:] == ch[:-1]) & (ck[1:] == ck[:-1])
+    dup = np.concatenate([[False], same])
+    if dup.any():
+        m = np.zeros(len(raw.record), bool)
+        m[idx[dup]] = True
+        q += _quarantine_rows(m, raw, "duplicate (time, channel, coord)", "time")
+        idx = idx[~dup]
+
+    # Whole records: empty ones, too large ones.
+    size = np.bincount(raw.record[idx], minlength=n_rec)
+    too_big = size > max_record_elements
+    if too_big.any():
+        m = np.zeros(len(raw.record), bool)
+        m[idx] = too_big[raw.record[idx]]
+        q += _quarantine_rows(m, raw, f"record has more than {max_record_elements} elements", "record")
+        idx = idx[~too_big[raw.record[idx]]]
+        size[too_big] = 0
+    # Records with no elements: the record itself is the quarantined item (0 elements).
+    present_ids = ~dup_rec
+    empty = (size == 0) & ~too_big & present_ids
+    if empty.any():
+        q.append(pd.DataFrame({"source_file": files[empty], "row": -1, "record_id": ids[empty],
+                               "field": "record", "reason": "empty record (no valid elements)",
+                               "elements": 0}))
+    stored = size > 0
+
+    records = raw.records.loc[stored].reset_index(drop=True)
+    records["record_id"] = records["record_id"].astype(str)
+    out = ElementSet(
+        records=records,
+        row_size=size[stored].astype(np.int64),
+        **{k: (getattr(raw, k)[idx]).astype(dt) for k, dt in ELEMENT_DTYPES.items()},
+    )
+    quarantine = (pd.concat(q, ignore_index=True) if q else pd.DataFrame(columns=QUARANTINE_COLUMNS))
+    quarantine = quarantine[QUARANTINE_COLUMNS].astype({"row": np.int64, "elements": np.int64})
+    return Validated(out, quarantine, _reconcile(raw, files, idx, quarantine), resorted)
+
+
+def _reconcile(raw: RawElements, files: np.ndarray, stored_idx: np.ndarray, quarantine: pd.DataFrame) -> pd.DataFrame:
+    """Per source file: elements read, stored, quarantined (read = stored + quarantined must hold)."""
+    read = pd.Series(files[raw.record]).value_counts()
+    stored = pd.Series(files[raw.record[stored_idx]]).value_counts()
+    quar = quarantine.groupby("source_file")["elements"].sum() if len(quarantine) else pd.Series(dtype=np.int64)
+    all_files = sorted(set(read.index) | set(quar.index) | set(files))
+    df = pd.DataFrame({"read": read, "stored": stored, "quarantined": quar}).reindex(all_files).fillna(0)
+    df = df.astype(np.int64)
+    df.index.name = "source_file"
+    return df.reset_index()

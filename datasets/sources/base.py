@@ -1,0 +1,66 @@
+"""The source interface: how an archive's native files become :class:`~datasets.format.RawElements`.
+
+A source lists the *units* of an archive (one file, or one member of a zip file), each with a cheap
+fingerprint, and reads a list of units at once (vectorised: one parse for many files where the format
+allows it). Reading never raises on bad input: an unreadable unit becomes a quarantine row.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+from datasets.format import Channel, RawElements
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One readable piece of an archive: a file, or a member of a zip file (``member`` set)."""
+
+    path: str
+    member: str | None = None
+    fingerprint: str = ""
+
+    @property
+    def name(self) -> str:
+        """How quarantine rows and reports name this unit: ``file`` or ``archive.zip:member``."""
+        base = os.path.basename(self.path)
+        return f"{base}:{self.member}" if self.member else base
+
+
+class Source(ABC):
+    """An archive format. Subclasses set ``name``, ``time_unit`` and implement the methods below."""
+
+    name: ClassVar[str]
+    #: astropy unit string of ``time`` ("h" for hours since admission, "d" for MJD days)
+    time_unit: ClassVar[str]
+    #: what ``time`` counts from, in words (stored in the store's attrs)
+    time_reference: ClassVar[str] = ""
+    #: record attributes besides record_id/source_file (labels, t0, ...)
+    label_columns: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def discover(self, path: str) -> list[Unit]:
+        """List the units of the archive at ``path`` (a file or a directory), in a stable order."""
+
+    @abstractmethod
+    def channels(self) -> list[Channel]:
+        """The channel table (after :meth:`discover` for sources whose channels come from the data)."""
+
+    @abstractmethod
+    def read(self, units: list[Unit]) -> RawElements:
+        """Read ``units`` into raw elements; unreadable units become quarantine rows, never exceptions."""
+
+
+def file_fingerprint(path: str) -> str:
+    """Size and modification time: changes when the file is rewritten, costs no read."""
+    st = os.stat(path)
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def unreadable(unit: Unit, error: BaseException, row: int = -1) -> dict:
+    """A quarantine row for a unit (or part of one) that could not be read."""
+    return {"source_file": unit.name, "row": row, "record_id": "", "field": "file",
+            "reason": f"unreadable: {type(error).__name__}: {error}", "elements": 0}
