@@ -41,13 +41,14 @@ def channel_statistics(channel: np.ndarray, value: np.ndarray, error: np.ndarray
     """
     n = len(table)
     kinds = table["transform"].to_numpy()
-    ch, v, e = channel[train].astype(np.int64), value[train].astype(np.float64), error[train].astype(np.float64)
-    order = np.argsort(ch, kind="stable")
-    ch, v, e = ch[order], v[order], e[order]
+    ch = channel[train]
+    order = np.argsort(ch, kind="stable")  # radix sort for int16 channel codes
+    ch, v, e = ch[order], value[train][order], error[train][order]
     bounds = np.searchsorted(ch, np.arange(n + 1))
     out = {"softening": np.ones(n), "location": np.zeros(n), "scale": np.ones(n), "count": np.zeros(n, np.int64)}
     for c in range(n):  # one iteration per channel, not per element
-        vc, ec = v[bounds[c]:bounds[c + 1]], e[bounds[c]:bounds[c + 1]]
+        vc = v[bounds[c]:bounds[c + 1]].astype(np.float64)
+        ec = e[bounds[c]:bounds[c + 1]]
         out["count"][c] = len(vc)
         if len(vc) == 0:
             continue

@@ -52,8 +52,8 @@ def _quarantine_rows(mask: np.ndarray, raw: RawElements, reason: str, field: str
                           "reason": reasons, "elements": g["elements"].to_numpy()})]
 
 
-def validate(raw: RawElements, n_channels: int, max_record_elements: int = DEFAULT_MAX_RECORD_ELEMENTS,
-             known_ids: set[str] | frozenset[str] = frozenset()) -> Validated:
+def validate(raw: RawElements, n_channels: int, max_record_elements: int = DEFAULT_MAX_RECORD_ELEMENTS
+             ) -> Validated:
     """Check, sort and pack ``raw``; everything rejected is counted in the quarantine table."""
     n_rec = len(raw.records)
     ids = raw.records["record_id"].astype(str).to_numpy()
@@ -73,8 +73,8 @@ def validate(raw: RawElements, n_channels: int, max_record_elements: int = DEFAU
     q += _quarantine_rows(bad_error, raw, "error is infinite, zero or negative", "error")
     keep = ~(bad_channel | bad_value | bad_error)
 
-    # Duplicate record ids: the first occurrence in this batch wins unless the store has it already.
-    dup_rec = pd.Series(ids).duplicated().to_numpy() | np.isin(ids, list(known_ids))
+    # Duplicate record ids within the batch: the first occurrence wins.
+    dup_rec = pd.Series(ids).duplicated().to_numpy()
     if dup_rec.any():
         m = keep & dup_rec[raw.record]
         q += _quarantine_rows(m, raw, "duplicate record id", "record_id")
@@ -85,9 +85,12 @@ def validate(raw: RawElements, n_channels: int, max_record_elements: int = DEFAU
     t = raw.time[idx]
     tkey = np.where(np.isnan(t), -np.inf, t)
     ckey = np.nan_to_num(raw.coord[idx].astype(np.float64), nan=-np.inf)
-    order = np.lexsort((ckey, channel[idx], tkey, raw.record[idx]))
-    was_sorted = order == np.arange(len(order))
-    resorted = int(len(np.unique(raw.record[idx][~was_sorted]))) if not was_sorted.all() else 0
+    keys = (raw.record[idx], tkey, channel[idx], ckey)
+    if _is_sorted(keys):
+        order, resorted = np.arange(len(idx)), 0  # sources usually emit sorted elements: skip the sort
+    else:
+        order = np.lexsort(keys[::-1])
+        resorted = int(len(np.unique(raw.record[idx][order != np.arange(len(order))])))
     idx = idx[order]
 
     rec, tk, ch, ck = raw.record[idx], tkey[order], channel[idx], ckey[order]
@@ -129,13 +132,48 @@ def validate(raw: RawElements, n_channels: int, max_record_elements: int = DEFAU
     return Validated(out, quarantine, _reconcile(raw, files, idx, quarantine), resorted)
 
 
+def _is_sorted(keys: tuple[np.ndarray, ...]) -> bool:
+    """Whether rows are in non-decreasing lexicographic order of ``keys`` (vectorised)."""
+    ordered = np.ones(max(len(keys[0]) - 1, 0), bool)  # "strictly before" so far undecided -> equal
+    decided = np.zeros_like(ordered)
+    for k in keys:
+        a, b = k[:-1], k[1:]
+        ordered &= decided | (a <= b)
+        decided |= a < b
+    return bool(ordered.all())
+
+
 def _reconcile(raw: RawElements, files: np.ndarray, stored_idx: np.ndarray, quarantine: pd.DataFrame) -> pd.DataFrame:
     """Per source file: elements read, stored, quarantined (read = stored + quarantined must hold)."""
-    read = pd.Series(files[raw.record]).value_counts()
-    stored = pd.Series(files[raw.record[stored_idx]]).value_counts()
+    n_rec = len(files)
+    per_record = pd.DataFrame({"source_file": files,
+                               "read": np.bincount(raw.record, minlength=n_rec),
+                               "stored": np.bincount(raw.record[stored_idx], minlength=n_rec)})
+    counts = per_record.groupby("source_file").sum()
     quar = quarantine.groupby("source_file")["elements"].sum() if len(quarantine) else pd.Series(dtype=np.int64)
-    all_files = sorted(set(read.index) | set(quar.index) | set(files))
-    df = pd.DataFrame({"read": read, "stored": stored, "quarantined": quar}).reindex(all_files).fillna(0)
+    df = counts.reindex(counts.index.union(quar.index)).fillna(0)
+    df["quarantined"] = quar.reindex(df.index).fillna(0)
     df = df.astype(np.int64)
     df.index.name = "source_file"
     return df.reset_index()
+
+
+def drop_known_records(v: Validated, known_ids: set[str]) -> Validated:
+    """Move records whose id is already stored to the quarantine ("duplicate record id")."""
+    es = v.elements
+    ids = es.records["record_id"].to_numpy()
+    dup = np.fromiter((i in known_ids for i in ids), bool, len(ids))
+    if not dup.any():
+        return v
+    keep_el = np.repeat(~dup, es.row_size)
+    q = pd.DataFrame({"source_file": es.records["source_file"].to_numpy()[dup], "row": -1,
+                      "record_id": ids[dup], "field": "record_id",
+                      "reason": "duplicate record id (already in the store)", "elements": es.row_size[dup]})
+    elements = ElementSet(records=es.records.loc[~dup].reset_index(drop=True), row_size=es.row_size[~dup],
+                          **{k: getattr(es, k)[keep_el] for k in ELEMENT_DTYPES})
+    moved = q.groupby("source_file")["elements"].sum()
+    counts = v.counts.set_index("source_file")
+    counts.loc[moved.index, "stored"] -= moved
+    counts.loc[moved.index, "quarantined"] += moved
+    quarantine = pd.concat([v.quarantine, q[QUARANTINE_COLUMNS]], ignore_index=True)
+    return Validated(elements, quarantine, counts.reset_index(), v.records_resorted)

@@ -40,6 +40,8 @@ class Source(ABC):
     time_reference: ClassVar[str] = ""
     #: record attributes besides record_id/source_file (labels, t0, ...)
     label_columns: ClassVar[tuple[str, ...]] = ()
+    #: default shard size in units; aim for ~0.5-2 M elements per shard (one store shard is 2 Mi)
+    units_per_shard: ClassVar[int] = 200
 
     @abstractmethod
     def discover(self, path: str) -> list[Unit]:
