@@ -31,7 +31,6 @@ from datasets.sources import Source, Unit, get_source
 from datasets.store import StoreWriter
 
 
-
 @dataclass
 class ShardSpec:
     """One shard's work: picklable, so it can travel to a worker process or a Prefect task."""
@@ -77,14 +76,26 @@ class IngestReport:
         return bool((f["read"] == f["stored"] + f["quarantined"]).all())
 
     def add(self, v: Validated) -> None:
-        self.shards += 1
-        self.records_stored += v.elements.n_records
-        self.records_resorted += v.records_resorted
-        self.per_file = pd.concat([self.per_file, v.counts], ignore_index=True) if len(self.per_file) \
-            else v.counts.copy()
-        if len(v.quarantine):
-            self.quarantine = pd.concat([self.quarantine, v.quarantine], ignore_index=True) \
-                if len(self.quarantine) else v.quarantine.copy()
+        """Count one committed shard."""
+        self.merge({"per_file": v.counts, "quarantine": v.quarantine, "records": v.elements.n_records,
+                    "resorted": v.records_resorted, "shards": 1})
+
+    def part(self) -> dict:
+        """This report's counts as plain lists (what a Prefect task returns)."""
+        return {"per_file": self.per_file.to_dict("list"), "quarantine": self.quarantine.to_dict("list"),
+                "records": self.records_stored, "resorted": self.records_resorted, "shards": self.shards}
+
+    def merge(self, part: dict) -> None:
+        """Add the counts of :meth:`part` (or of one shard) to this report."""
+        per_file, quarantine = pd.DataFrame(part["per_file"]), pd.DataFrame(part["quarantine"])
+        self.per_file = pd.concat([self.per_file, per_file], ignore_index=True) if len(self.per_file) \
+            else per_file.copy()
+        if len(quarantine):
+            self.quarantine = pd.concat([self.quarantine, quarantine], ignore_index=True) \
+                if len(self.quarantine) else quarantine.copy()
+        self.records_stored += int(part["records"])
+        self.records_resorted += int(part["resorted"])
+        self.shards += int(part["shards"])
 
     def summary(self) -> dict:
         return {"store": self.store, "source": self.source, "units_found": self.units_found,

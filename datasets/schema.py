@@ -144,7 +144,10 @@ def _is_sorted(keys: tuple[np.ndarray, ...]) -> bool:
 
 
 def _reconcile(raw: RawElements, files: np.ndarray, stored_idx: np.ndarray, quarantine: pd.DataFrame) -> pd.DataFrame:
-    """Per source file: elements read, stored, quarantined (read = stored + quarantined must hold)."""
+    """Per source file: elements read, stored, quarantined (read = stored + quarantined must hold).
+
+    Unreadable files count as 0 elements read, with their quarantine row saying why.
+    """
     n_rec = len(files)
     per_record = pd.DataFrame({"source_file": files,
                                "read": np.bincount(raw.record, minlength=n_rec),
@@ -152,6 +155,10 @@ def _reconcile(raw: RawElements, files: np.ndarray, stored_idx: np.ndarray, quar
     counts = per_record.groupby("source_file").sum()
     quar = quarantine.groupby("source_file")["elements"].sum() if len(quarantine) else pd.Series(dtype=np.int64)
     df = counts.reindex(counts.index.union(quar.index)).fillna(0)
+    # Elements the source itself rejected (e.g. a cell that is not a number) were read too.
+    if raw.quarantine:
+        at_source = pd.DataFrame(raw.quarantine).groupby("source_file")["elements"].sum()
+        df["read"] += at_source.reindex(df.index).fillna(0)
     df["quarantined"] = quar.reindex(df.index).fillna(0)
     df = df.astype(np.int64)
     df.index.name = "source_file"

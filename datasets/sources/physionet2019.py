@@ -96,7 +96,7 @@ def _read_bytes(units: list[Unit], quarantine: list[dict]):
     for u in units:
         by_zip.setdefault(u.path, []).append(u)
     for path, group in by_zip.items():
-        if group[0].member is None:
+        if not path.endswith(".zip"):
             for u in group:
                 try:
                     with open(u.path, "rb") as f:
@@ -110,6 +110,9 @@ def _read_bytes(units: list[Unit], quarantine: list[dict]):
             quarantine += [unreadable(u, e) for u in group]
             continue
         for u in group:
+            if u.member is None:  # listed by discover() although the zip could not be opened then
+                quarantine.append(unreadable(u, zipfile.BadZipFile("no readable member list")))
+                continue
             if _unsafe_member(u.member):
                 quarantine.append({**unreadable(u, ValueError("unsafe path in archive")), "field": "path"})
                 continue

@@ -19,7 +19,11 @@ def make_store(url: str, read_only: bool, storage_options: dict | None = None):
 
 
 def get_json(store, key: str) -> dict | None:
-    buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    """The JSON document at ``key``, or None where there is none (or no store at all)."""
+    try:
+        buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    except FileNotFoundError:
+        return None
     return None if buf is None else json.loads(buf.to_bytes())
 
 

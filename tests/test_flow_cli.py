@@ -1,0 +1,66 @@
+"""The ingest Prefect flow (real ephemeral API server) and the ``percival`` CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from prefect.client.orchestration import get_client
+
+from datasets.ingest import ingest
+from datasets.store import open_store
+from pipelines.cli import main
+from pipelines.ingest import with_workers
+
+
+def test_ingest_flow_matches_the_plain_api_and_publishes_a_report(tmp_path, samples):
+    src = str(samples / "physionet2019")
+    flow_store, api_store = str(tmp_path / "flow.zarr"), str(tmp_path / "api.zarr")
+    state = with_workers(2)(source="physionet2019", path=src, store=flow_store, shard_size=64,
+                            return_state=True)
+    summary = state.result()
+    assert summary["reconciles"] and summary["shards"] == 5 and summary["records_stored"] == 300
+    ingest("physionet2019", src, api_store, shard_size=64)
+    assert open_store(flow_store).content_hash() == open_store(api_store).content_hash()
+
+    async def artifacts():
+        async with get_client() as client:
+            run = await client.read_flow_run(state.state_details.flow_run_id)
+            tasks = await client.read_task_runs()
+            arts = await client.read_artifacts()
+            return run, tasks, arts
+
+    import asyncio
+
+    run, tasks, arts = asyncio.run(artifacts())
+    assert run.state.is_completed()
+    names = {t.name for t in tasks if t.flow_run_id == run.id}
+    assert {"read-shard-0", "read-shard-4", "commit-shard-4", "plan", "statistics"} <= names
+    mine = [a for a in arts if a.flow_run_id == run.id]
+    assert {a.type for a in mine} >= {"markdown", "table", "progress"}
+    md = next(a for a in mine if a.type == "markdown").data
+    assert "Read = stored + quarantined for every source file: **True**" in md
+
+    # Re-running the flow on the unchanged archive changes nothing.
+    again = with_workers(1)(source="physionet2019", path=src, store=flow_store)
+    assert again["units_skipped"] == 300 and again["shards"] == 0
+
+
+def test_cli_ingest_and_info(tmp_path, samples, capsys):
+    store = str(tmp_path / "plasticc.zarr")
+    assert main(["ingest", "plasticc", str(samples / "plasticc"), "--store", store, "--no-prefect"]) == 0
+    out = capsys.readouterr().out
+    assert "Read = stored + quarantined for every source file: **True**" in out
+    assert main(["info", store]) == 0
+    out = capsys.readouterr().out
+    assert "300 records" in out and "lsst_g" in out and "36.31 nJy" in out
+    assert main(["info", store, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["records"] == 300 and info["modalities"]["static"] == 600
+
+
+def test_cli_reports_bad_arguments_clearly(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "ingest", "nosuch", str(tmp_path), "--store",
+                        str(tmp_path / "x.zarr"), "--no-prefect"], capture_output=True, text=True)
+    assert r.returncode != 0 and "unknown source 'nosuch'" in r.stderr

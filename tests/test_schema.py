@@ -1,0 +1,77 @@
+"""Validation and quarantine on hand-made raw elements: every reason, sorting, reconciliation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from datasets.format import RawElements
+from datasets.schema import drop_known_records, validate
+
+
+def raw(rows: list[tuple], records=("a", "b")) -> RawElements:
+    """rows: (record index, time, channel, value, error, coord)."""
+    a = np.array(rows, dtype=np.float64).reshape(-1, 6)
+    recs = pd.DataFrame({"record_id": list(records), "source_file": [f"{r}.csv" for r in records]})
+    return RawElements(recs, a[:, 0].astype(np.int64), a[:, 1], a[:, 2].astype(np.int16),
+                       a[:, 3].astype(np.float32), a[:, 4].astype(np.float32), a[:, 5].astype(np.float32),
+                       np.arange(2, len(a) + 2))
+
+
+def reasons(v) -> dict[str, int]:
+    return v.quarantine.groupby("reason")["elements"].sum().to_dict()
+
+
+def test_clean_input_is_stored_sorted_with_static_first():
+    r = raw([(0, 2.0, 1, 5, 1, np.nan), (0, np.nan, 0, 7, np.nan, np.nan), (0, 1.0, 1, 3, 1, np.nan),
+             (1, 0.5, 0, 1, 1, np.nan)])
+    v = validate(r, n_channels=2)
+    assert v.quarantine.empty
+    assert list(v.elements.row_size) == [3, 1]
+    assert np.isnan(v.elements.time[0]) and list(v.elements.time[1:3]) == [1.0, 2.0]
+    assert v.records_resorted == 1
+    assert (v.counts["read"] == v.counts["stored"] + v.counts["quarantined"]).all()
+
+
+def test_every_element_level_reason_is_counted():
+    r = raw([(0, 1.0, 0, np.nan, 1, np.nan),      # value not finite
+             (0, 2.0, 0, np.inf, 1, np.nan),      # value not finite
+             (0, 3.0, 0, 1.0, 0.0, np.nan),       # zero error
+             (0, 4.0, 0, 1.0, -1.0, np.nan),      # negative error
+             (0, 5.0, 0, 1.0, np.inf, np.nan),    # infinite error
+             (0, 6.0, 7, 1.0, 1.0, np.nan),       # unknown channel
+             (0, 7.0, 0, 1.0, 1.0, np.nan),       # kept
+             (0, 7.0, 0, 2.0, 1.0, np.nan),       # duplicate (time, channel)
+             (1, 1.0, 0, 1.0, np.nan, np.nan)])   # kept, NaN error = unknown
+    v = validate(r, n_channels=2)
+    assert reasons(v) == {"value is not finite": 2, "error is infinite, zero or negative": 3,
+                          "unknown channel": 1, "duplicate (time, channel, coord)": 1}
+    assert list(v.elements.row_size) == [1, 1]
+    assert v.elements.value[0] == 1.0  # the first of the duplicates is kept
+    c = v.counts.set_index("source_file")
+    assert c.loc["a.csv"].tolist() == [8, 1, 7] and c.loc["b.csv"].tolist() == [1, 1, 0]
+
+
+def test_same_time_and_channel_at_other_wavelengths_are_not_duplicates():
+    r = raw([(0, 1.0, 0, 1, 1, 5000.0), (0, 1.0, 0, 1, 1, 5001.0)], records=("a",))
+    assert validate(r, n_channels=1).elements.n_elements == 2
+
+
+def test_record_level_reasons():
+    r = raw([(0, 1.0, 0, 1, 1, np.nan), (0, 2.0, 0, 1, 1, np.nan), (0, 3.0, 0, 1, 1, np.nan),
+             (1, 1.0, 0, np.nan, 1, np.nan), (2, 1.0, 0, 1, 1, np.nan)], records=("big", "empty", "big"))
+    v = validate(r, n_channels=1, max_record_elements=2)
+    got = v.quarantine.set_index("reason")
+    assert got.loc["record has more than 2 elements", "elements"] == 3
+    assert got.loc["empty record (no valid elements)", "record_id"] == "empty"
+    assert got.loc["duplicate record id", "elements"] == 1
+    assert v.elements.n_records == 0
+
+
+def test_records_already_in_the_store_move_to_quarantine():
+    v = validate(raw([(0, 1.0, 0, 1, 1, np.nan), (1, 1.0, 0, 1, 1, np.nan)]), n_channels=1)
+    w = drop_known_records(v, {"a"})
+    assert list(w.elements.records["record_id"]) == ["b"]
+    assert w.quarantine["reason"].tolist() == ["duplicate record id (already in the store)"]
+    c = w.counts.set_index("source_file")
+    assert c.loc["a.csv"].tolist() == [1, 0, 1]
