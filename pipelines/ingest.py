@@ -75,6 +75,8 @@ def commit_shard_task(spec: ShardSpec, staged: dict, store: str, path: str, prog
         if not set((u.name, u.fingerprint) for u in spec.units) <= writer.ingested:  # not already in (retry)
             commit_shards(writer, [(spec, load_shard(staged["path"]))], report)
     shutil.rmtree(staged["path"], ignore_errors=True)
+    get_run_logger().info("shard %d/%d committed: %d records, %d elements", spec.index + 1, n_shards,
+                          report.records_stored, int(report.per_file["stored"].sum()) if report.shards else 0)
     if progress_id is not None:
         update_progress_artifact(progress_id, 100.0 * (spec.index + 1) / n_shards)
     return report.part()
