@@ -134,10 +134,8 @@ def plan_shards(source_name: str, path: str, store: str, shard_size: int | None 
         raise FileNotFoundError(f"no {source_name} files found under {path}")
     done = _ingested_units(store, storage_options)
     todo = [u for u in units if (u.name, u.fingerprint) not in done]
-    shard_size = shard_size or source.units_per_shard
-    groups = getattr(source, "shard", None)
-    chunks = groups(todo, shard_size) if groups else [todo[i:i + shard_size]
-                                                      for i in range(0, len(todo), shard_size)]
+    options = source.resolved_options() or options
+    chunks = source.shard(todo, shard_size or source.units_per_shard)
     return source, units, [ShardSpec(i, source_name, options, c, max_record_elements)
                            for i, c in enumerate(chunks)]
 
@@ -145,8 +143,6 @@ def plan_shards(source_name: str, path: str, store: str, shard_size: int | None 
 def read_shard(spec: ShardSpec) -> Validated:
     """Read and validate one shard (runs anywhere: main process, worker process, Prefect task)."""
     source = get_source(spec.source, **spec.options)
-    if hasattr(source, "prepare"):
-        source.prepare([u for u in spec.units])
     raw = source.read(spec.units)
     return validate(raw, len(source.channels()), spec.max_record_elements)
 

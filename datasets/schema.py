@@ -3,7 +3,8 @@
 Every element a source read ends up in exactly one place: stored, or counted in a quarantine row
 (``elements``) with its source file, first row number, record and reason. Checks, all vectorised:
 
-- ``value`` not finite;                       - ``error`` infinite, zero or negative (NaN = unknown, kept);
+- ``value`` not finite;  ``time`` infinite (NaN = static element, kept);
+- ``error`` infinite, zero or negative (NaN = unknown, kept);
 - ``channel`` not in the channel table;       - duplicate (time, channel, coord) within a record (first kept);
 - records with no elements;                   - records with more than ``max_record_elements`` elements;
 - a record id seen twice (in this batch or already in the store).
@@ -65,13 +66,15 @@ def validate(raw: RawElements, n_channels: int, max_record_elements: int = DEFAU
     channel = raw.channel.astype(np.int64)
     bad_channel = (channel < 0) | (channel >= n_channels)
     bad_value = ~bad_channel & ~np.isfinite(value)
-    bad_error = ~bad_channel & ~bad_value & (np.isinf(error) | (error <= 0))
+    bad_time = ~bad_channel & ~bad_value & np.isinf(raw.time)
+    bad_error = ~bad_channel & ~bad_value & ~bad_time & (np.isinf(error) | (error <= 0))
     names = raw.channel_name if raw.channel_name is not None else None
     q += _quarantine_rows(bad_channel, raw, "unknown channel", "channel",
                           names.astype(str) if names is not None else None)
     q += _quarantine_rows(bad_value, raw, "value is not finite", "value")
+    q += _quarantine_rows(bad_time, raw, "time is infinite", "time")
     q += _quarantine_rows(bad_error, raw, "error is infinite, zero or negative", "error")
-    keep = ~(bad_channel | bad_value | bad_error)
+    keep = ~(bad_channel | bad_value | bad_time | bad_error)
 
     # Duplicate record ids within the batch: the first occurrence wins.
     dup_rec = pd.Series(ids).duplicated().to_numpy()

@@ -21,7 +21,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from datasets.ingest import (
     IngestReport,
@@ -106,27 +106,18 @@ def ingest_flow(source: str, path: str, store: str, shard_size: int | None = Non
         progress_id = create_progress_artifact(0.0, description=f"ingest {source} -> {store}")
         staging = tempfile.mkdtemp(prefix=".ingest-staging-", dir=_local_dir(store))
         try:
-            # Interleave submissions so that commit k runs while shard k+1 is read.
-            reads, commits = [], []
-            for spec in specs:
-                reads.append(read_shard_task.submit(spec, staging))
-                if len(reads) > 1:
-                    commits.append(_commit(specs, reads, commits, store, path, progress_id))
-            commits.append(_commit(specs, reads, commits, store, path, progress_id))
-            for c in commits:
-                report.merge(c.result())
+            # Shards are read in worker processes; the flow commits them in order as they arrive, so
+            # committing shard k overlaps with reading the shards after it.
+            with prefect_env.workers_share_api():
+                reads = [read_shard_task.submit(spec, staging) for spec in specs]
+                for spec, read in zip(specs, reads, strict=True):
+                    report.merge(commit_shard_task(spec, read.result(), store, path, progress_id, len(specs)))
             statistics_task(store, source, options, path)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     report.seconds = time.perf_counter() - t0
     _publish(report)
     return report.summary()
-
-
-def _commit(specs, reads, commits, store, path, progress_id):
-    k = len(commits)
-    return commit_shard_task.submit(specs[k], reads[k], store, path, progress_id, len(specs),
-                                    wait_for=commits[-1:])
 
 
 def _publish(report: IngestReport) -> None:
@@ -146,5 +137,6 @@ def _local_dir(store: str) -> str | None:
 
 
 def with_workers(workers: int):
-    """The flow with ``workers`` reader threads plus one committing thread."""
-    return ingest_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, workers) + 1))
+    """The flow reading shards in ``workers`` processes (1: in threads of the flow's process)."""
+    runner = ProcessPoolTaskRunner(max_workers=workers) if workers > 1 else ThreadPoolTaskRunner(max_workers=1)
+    return ingest_flow.with_options(task_runner=runner)

@@ -7,7 +7,9 @@ Values the user has set are kept: with ``PREFECT_API_URL`` pointing at a running
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -21,3 +23,22 @@ def configure() -> None:
 
 
 configure()
+
+
+@contextlib.contextmanager
+def workers_share_api() -> Iterator[None]:
+    """Processes started inside this block report to this process's Prefect API.
+
+    Without ``PREFECT_API_URL``, every spawned task-runner process (and every Dask worker) would start a
+    temporary API server of its own: seconds each, and runs that the user's API never sees.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.client.orchestration import get_client
+
+    os.environ["PREFECT_API_URL"] = str(get_client(sync_client=True).api_url)
+    try:
+        yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)

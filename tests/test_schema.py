@@ -40,16 +40,17 @@ def test_every_element_level_reason_is_counted():
              (0, 4.0, 0, 1.0, -1.0, np.nan),      # negative error
              (0, 5.0, 0, 1.0, np.inf, np.nan),    # infinite error
              (0, 6.0, 7, 1.0, 1.0, np.nan),       # unknown channel
+             (0, np.inf, 0, 1.0, 1.0, np.nan),    # infinite time
              (0, 7.0, 0, 1.0, 1.0, np.nan),       # kept
              (0, 7.0, 0, 2.0, 1.0, np.nan),       # duplicate (time, channel)
              (1, 1.0, 0, 1.0, np.nan, np.nan)])   # kept, NaN error = unknown
     v = validate(r, n_channels=2)
     assert reasons(v) == {"value is not finite": 2, "error is infinite, zero or negative": 3,
-                          "unknown channel": 1, "duplicate (time, channel, coord)": 1}
+                          "unknown channel": 1, "duplicate (time, channel, coord)": 1, "time is infinite": 1}
     assert list(v.elements.row_size) == [1, 1]
     assert v.elements.value[0] == 1.0  # the first of the duplicates is kept
     c = v.counts.set_index("source_file")
-    assert c.loc["a.csv"].tolist() == [8, 1, 7] and c.loc["b.csv"].tolist() == [1, 1, 0]
+    assert c.loc["a.csv"].tolist() == [9, 1, 8] and c.loc["b.csv"].tolist() == [1, 1, 0]
 
 
 def test_same_time_and_channel_at_other_wavelengths_are_not_duplicates():

@@ -55,6 +55,16 @@ class Source(ABC):
     def read(self, units: list[Unit]) -> RawElements:
         """Read ``units`` into raw elements; unreadable units become quarantine rows, never exceptions."""
 
+    def shard(self, units: list[Unit], size: int) -> list[list[Unit]]:
+        """Group units into shards of about ``size`` units, in order. Sources whose records span several
+        units (a star's B and R files) override this to keep a record's units together."""
+        return [units[i:i + size] for i in range(0, len(units), size)]
+
+    def resolved_options(self) -> dict | None:
+        """Constructor options that rebuild this source as :meth:`discover` left it, for readers in other
+        processes (e.g. a channel table learnt from the data); None: the options given suffice."""
+        return None
+
 
 def file_fingerprint(path: str) -> str:
     """Size and modification time: changes when the file is rewritten, costs no read."""
