@@ -109,9 +109,13 @@ def ingest_flow(source: str, path: str, store: str, shard_size: int | None = Non
             # Shards are read in worker processes; the flow commits them in order as they arrive, so
             # committing shard k overlaps with reading the shards after it.
             with prefect_env.workers_share_api():
-                reads = [read_shard_task.submit(spec, staging) for spec in specs]
-                for spec, read in zip(specs, reads, strict=True):
-                    report.merge(commit_shard_task(spec, read.result(), store, path, progress_id, len(specs)))
+                if len(specs) > 1:
+                    futures = [read_shard_task.submit(spec, staging) for spec in specs]
+                    staged = (f.result() for f in futures)
+                else:  # one shard: read it here rather than start worker processes for it
+                    staged = (read_shard_task(spec, staging) for spec in specs)
+                for spec, shard in zip(specs, staged, strict=True):
+                    report.merge(commit_shard_task(spec, shard, store, path, progress_id, len(specs)))
             statistics_task(store, source, options, path)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
