@@ -1,6 +1,7 @@
 """The Zarr store of element sets: a crash-safe appending writer and a reader for notebooks."""
 
+from datasets.store.appendable import AppendableGroup, StoreError
 from datasets.store.reader import Store, open_store
-from datasets.store.writer import StoreError, StoreWriter
+from datasets.store.writer import StoreWriter
 
-__all__ = ["Store", "StoreError", "StoreWriter", "open_store"]
+__all__ = ["AppendableGroup", "Store", "StoreError", "StoreWriter", "open_store"]

@@ -23,9 +23,6 @@ import numpy as np
 
 from datasets.format import ELEMENT_DTYPES
 
-ELEMENT_CHUNK, ELEMENT_SHARD = 1 << 18, 1 << 21
-TABLE_CHUNK, TABLE_SHARD = 1 << 14, 1 << 17
-
 ELEMENT_ATTRS = {
     "time": {"long_name": "time of the measurement", "_note": "NaN for static elements"},
     "channel": {"long_name": "index into the channel table (dimension channel)"},

@@ -20,8 +20,8 @@ import pandas as pd
 
 from datasets.format import ELEMENT_DTYPES, QUARANTINE_COLUMNS, ElementSet
 from datasets.store import _zarr
+from datasets.store.appendable import StoreError
 from datasets.store.layout import CHANNEL_COLUMNS
-from datasets.store.writer import StoreError
 
 
 class Store:

@@ -1,59 +1,24 @@
-"""Appending validated records to a store, crash-safe and idempotent.
+"""Appending validated element sets to a store, crash-safe and idempotent.
 
-Commit protocol. The store's root ``zarr.json`` holds the consolidated metadata (every array's shape)
-and the ``percival.commit`` attribute (counts along each dimension). Readers, ``xarray.open_zarr`` and
-``zarr.open_group`` use the consolidated metadata, so they see exactly the committed shapes. An append
-
-1. resizes arrays and writes the new data beyond the committed length (a partly filled last shard is
-   rewritten as a whole file, atomically, with its committed part unchanged);
-2. rewrites the root ``zarr.json`` (new shapes + new commit) in one atomic write: the commit point.
-
-A writer killed at any moment leaves the last commit intact; the next writer starts from the committed
-counts and overwrites whatever lies beyond them. The units (files, archive members) a commit ingested are
-recorded with their fingerprints, so re-running an ingest skips them: re-ingesting an unchanged source
-changes nothing. One writer at a time: a lock file beside local stores (``<store>.lock``).
+The commit protocol is :mod:`datasets.store.appendable`'s. On top of it this writer keeps the element-set
+layout (:mod:`datasets.store.layout`): channels (new ones are added, a changed unit is an error), record
+labels, the quarantine table, and the ledger of ingested units with their fingerprints, so that re-running
+an ingest skips them and re-ingesting an unchanged archive changes nothing.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import fcntl
-import os
-
 import numpy as np
 import pandas as pd
-from zarr.codecs import ZstdCodec
 
 from datasets.format import ELEMENT_DTYPES, FORMAT_NAME, FORMAT_VERSION, Channel
 from datasets.normalise import channel_statistics
 from datasets.schema import Validated
-from datasets.store import _zarr
-from datasets.store.layout import (
-    CHANNEL_COLUMNS,
-    ELEMENT_ATTRS,
-    ELEMENT_CHUNK,
-    ELEMENT_SHARD,
-    QUARANTINE_DTYPES,
-    TABLE_CHUNK,
-    TABLE_SHARD,
-    UNIT_ARRAYS,
-    assign_split,
-)
+from datasets.store.appendable import AppendableGroup, StoreError, fill_value, now
+from datasets.store.layout import CHANNEL_COLUMNS, ELEMENT_ATTRS, QUARANTINE_DTYPES, UNIT_ARRAYS, assign_split
 
 DIMENSIONS = ("element", "record", "channel", "quarantine", "ingested_unit")
 RESERVED_RECORD_COLUMNS = ("record_id", "source_file")
-
-
-class StoreError(RuntimeError):
-    """A store that cannot be opened or appended to, with the reason."""
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
-def _fill(dtype) -> object:
-    return "" if dtype is str else (np.nan if np.dtype(dtype).kind == "f" else 0)
 
 
 class StoreWriter:
@@ -65,21 +30,18 @@ class StoreWriter:
 
     def __init__(self, url: str, source, source_path: str = "", storage_options: dict | None = None):
         self.url = url
-        self._lock = _acquire_lock(url)
-        self.store = _zarr.make_store(url, read_only=False, storage_options=storage_options)
-        root = _zarr.get_json(self.store, "zarr.json")
-        meta = (root or {}).get("attributes", {}).get("percival")
-        if meta is None or "commit" not in meta:
-            self.group = _zarr.open_group(self.store, mode="w", consolidated=False)
-            self.meta = self._new_meta(source, source_path)
+        self.out = AppendableGroup(url, self._new_meta(source, source_path), DIMENSIONS, storage_options, attrs={
+            "Conventions": "CF-1.11", "featureType": "timeSeries",
+            "title": f"Percival element set: {source.name}", "source": f"{source.name} archive: {source_path}"})
+        self.group, self.meta = self.out.group, self.out.meta
+        if self.out.created:
             self._create_arrays()
             self._set_channels(source.channels())
-            self._commit()
+            self.out.commit()
         else:
-            self.group = _zarr.open_group(self.store, mode="r+", consolidated=False)
-            self.meta = meta
-            if meta["source"] != source.name:
-                raise StoreError(f"{url} holds source {meta['source']!r}, not {source.name!r}")
+            if self.meta["source"] != source.name:
+                self.out.close()
+                raise StoreError(f"{url} holds source {self.meta['source']!r}, not {source.name!r}")
             self._set_channels(source.channels())
         self.channel_map = self._channel_map(source.channels())
         n = self.count("record")
@@ -91,7 +53,7 @@ class StoreWriter:
     # -- public ---------------------------------------------------------------------------------------
     def count(self, dim: str) -> int:
         """Committed length along ``dim``."""
-        return int(self.meta["commit"][dim])
+        return self.out.count(dim)
 
     def append(self, validated: Validated, units: list) -> None:
         """Write one shard's validated records, its quarantine rows and its units, then commit."""
@@ -101,17 +63,17 @@ class StoreWriter:
         records["split"] = assign_split(records["record_id"])
         records["source_file"] = records["source_file"].astype(str)
         self._ensure_record_columns(records)
-        self._append_dim("element", {k: getattr(es, k) for k in ELEMENT_DTYPES}
+        self.out.append("element", {k: getattr(es, k) for k in ELEMENT_DTYPES}
                          | {"channel": self.channel_map[es.channel.astype(np.int64)].astype(np.int16)})
-        self._append_dim("record", {c: self._record_column(records, c) for c in self._record_arrays()})
+        self.out.append("record", {c: self._record_column(records, c) for c in self._record_arrays()})
         q = validated.quarantine
-        self._append_dim("quarantine", {f"quarantine_{c}": q[c].to_numpy() for c in QUARANTINE_DTYPES})
-        self._append_dim("ingested_unit", {"unit_name": np.array([u.name for u in units], dtype=object),
+        self.out.append("quarantine", {f"quarantine_{c}": q[c].to_numpy() for c in QUARANTINE_DTYPES})
+        self.out.append("ingested_unit", {"unit_name": np.array([u.name for u in units], dtype=object),
                                            "unit_fingerprint": np.array([u.fingerprint for u in units],
                                                                         dtype=object)})
         self.known_ids.update(records["record_id"].tolist())
         self.ingested.update((u.name, u.fingerprint) for u in units)
-        self._commit()
+        self.out.commit()
 
     def update_statistics(self) -> pd.DataFrame:
         """Recompute the channel table's normalisation statistics on the train split, and commit."""
@@ -126,8 +88,8 @@ class StoreWriter:
             for col in ("softening", "location", "scale", "count"):
                 name, dtype = CHANNEL_COLUMNS[col]
                 self.group[name][:] = stats[col].to_numpy().astype(dtype)
-        self.meta["statistics_updated"] = _now()
-        self._commit()
+        self.meta["statistics_updated"] = now()
+        self.out.commit()
         return self.channel_table()
 
     def channel_table(self) -> pd.DataFrame:
@@ -135,9 +97,7 @@ class StoreWriter:
         return pd.DataFrame({col: self.group[name][:n] for col, (name, _) in CHANNEL_COLUMNS.items()})
 
     def close(self) -> None:
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        self.out.close()
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -150,16 +110,11 @@ class StoreWriter:
         return {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "source": source.name,
             "source_path": str(source_path), "time_unit": source.time_unit,
-            "time_reference": source.time_reference, "created": _now(),
-            "record_columns": [], "commit": dict.fromkeys(DIMENSIONS, 0) | {"generation": 0},
+            "time_reference": source.time_reference, "record_columns": [],
         }
 
     def _array(self, name: str, dtype, dim: str, attrs: dict | None = None) -> None:
-        big = dim == "element"
-        self.group.create_array(
-            name, shape=(0,), dtype=dtype, dimension_names=[dim], fill_value=_fill(dtype),
-            chunks=(ELEMENT_CHUNK if big else TABLE_CHUNK,), shards=(ELEMENT_SHARD if big else TABLE_SHARD,),
-            compressors=ZstdCodec(level=3), attributes=attrs or {}, overwrite=True)
+        self.out.create_array(name, dtype, dim, attrs, big=dim == "element")
 
     def _create_arrays(self) -> None:
         for name, dtype in ELEMENT_DTYPES.items():
@@ -192,7 +147,7 @@ class StoreWriter:
             self._array(col, dtype, "record")
             if n:
                 self.group[col].resize((n,))
-                self.group[col][:] = np.full(n, _fill(dtype), dtype=object if dtype is str else dtype)
+                self.group[col][:] = np.full(n, fill_value(dtype), dtype=object if dtype is str else dtype)
             self.meta["record_columns"].append(col)
 
     def _record_column(self, records: pd.DataFrame, col: str) -> np.ndarray:
@@ -202,16 +157,6 @@ class StoreWriter:
         if arr.dtype.kind in "fiu":
             return pd.to_numeric(records[col], errors="coerce").to_numpy(arr.dtype)
         return records[col].fillna("").astype(str).to_numpy(dtype=object)
-
-    def _append_dim(self, dim: str, columns: dict[str, np.ndarray]) -> None:
-        start = self.count(dim)
-        n = len(next(iter(columns.values())))
-        for name, data in columns.items():
-            arr = self.group[name]
-            arr.resize((start + n,))  # also drops anything a killed writer left beyond the commit
-            if n:
-                arr[start:start + n] = data
-        self.meta["commit"][dim] = start + n  # takes effect at the next _commit()
 
     # -- channels -------------------------------------------------------------------------------------
     def _set_channels(self, channels: list[Channel]) -> None:
@@ -229,48 +174,10 @@ class StoreWriter:
                     "unit": [c.unit for c in new], "coord": [c.coord for c in new],
                     "transform": [c.transform for c in new], "softening": np.ones(len(new)),
                     "location": np.zeros(len(new)), "scale": np.ones(len(new)), "count": np.zeros(len(new))}
-            self._append_dim("channel", {name: np.asarray(cols[col], dtype=object if dt is str else dt)
+            self.out.append("channel", {name: np.asarray(cols[col], dtype=object if dt is str else dt)
                                          for col, (name, dt) in CHANNEL_COLUMNS.items()})
 
     def _channel_map(self, channels: list[Channel]) -> np.ndarray:
         names = list(self.group["channel_name"][:self.count("channel")])
         return np.array([names.index(c.name) for c in channels], dtype=np.int64)
-
-    # -- commit ---------------------------------------------------------------------------------------
-    def _commit(self) -> None:
-        """The commit point: one atomic write of the root document (shapes + counts + attrs)."""
-        self.meta["commit"]["generation"] += 1
-        self.meta["updated"] = _now()
-        arrays = {}
-        for name in self.group.array_keys():
-            doc = _zarr.get_json(self.store, f"{name}/zarr.json")
-            dim = doc["dimension_names"][0]
-            if doc["shape"][0] != self.count(dim):
-                raise StoreError(f"{self.url}: array {name} has {doc['shape'][0]} entries, "
-                                 f"commit says {self.count(dim)} along {dim}")
-            arrays[name] = doc
-        attrs = {
-            "Conventions": "CF-1.11", "featureType": "timeSeries",
-            "title": f"Percival element set: {self.meta['source']}",
-            "history": f"{self.meta['created']} created by percival; {self.meta['updated']} last commit",
-            "percival": self.meta,
-        }
-        root = {"zarr_format": 3, "node_type": "group", "attributes": attrs,
-                "consolidated_metadata": {"kind": "inline", "must_understand": False, "metadata": arrays}}
-        _zarr.put_json(self.store, "zarr.json", root)
-
-
-def _acquire_lock(url: str):
-    """An exclusive lock beside a local store; released by the OS if the process dies."""
-    if "://" in url and not url.startswith("file://"):
-        return None
-    path = url.removeprefix("file://").rstrip("/") + ".lock"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    f = open(path, "a+")  # noqa: SIM115 - held open for the writer's lifetime
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise StoreError(f"{url} is being written by another process (lock {path})") from None
-    return f
 
