@@ -129,9 +129,9 @@ def plan_shards(source_name: str, path: str, store: str, shard_size: int | None 
     """Discover the archive's units, drop those the store already holds, and group the rest."""
     options = dict(options or {})
     source = get_source(source_name, **options)
-    units = source.discover(path)
-    if not units:
-        raise FileNotFoundError(f"no {source_name} files found under {path}")
+    if "://" not in path and not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    units = source.discover(path)  # an empty folder is nothing to do (a watched folder may be empty)
     done = _ingested_units(store, storage_options)
     todo = [u for u in units if (u.name, u.fingerprint) not in done]
     options = source.resolved_options() or options

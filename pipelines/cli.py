@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from importlib import resources
 
 from pipelines import prefect_env  # noqa: F401  (before anything imports prefect)
+from pipelines.serve import add_serve_parser
 
 
 def _options(pairs: list[str]) -> dict:
@@ -37,9 +39,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         print(report.to_markdown())
         summary = report.summary()
     else:
-        from pipelines.ingest import with_workers
+        from pipelines.ingest import ingest_flow
 
-        summary = with_workers(args.workers)(args.source, args.path, args.store, **kwargs)
+        summary = ingest_flow(args.source, args.path, args.store, workers=args.workers, **kwargs)
         print(json.dumps(summary, indent=1))
     return 0 if summary["reconciles"] else 1
 
@@ -71,19 +73,18 @@ def sample_dir() -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     from datasets.sources import REGISTRY
     from datasets.store import open_store
-    from pipelines.ingest import with_workers
+    from pipelines.ingest import ingest_flow
 
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
-    flow = with_workers(args.workers)
     rows = []
     for name in REGISTRY:
         path = os.path.join(sample_dir(), name)
         if not os.path.isdir(path) or name == "table":
             continue
         store = os.path.join(out, f"{name}.zarr")
-        summary = flow(name, path, store)
+        summary = ingest_flow(name, path, store, workers=args.workers)
         s = open_store(store)
         rows.append((name, s.n_records, s.n_elements, summary["elements_quarantined"], summary["reconciles"],
                      store))
@@ -122,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--workers", type=int, default=2)
     demo.set_defaults(fn=cmd_demo)
 
+    add_serve_parser(sub)
+
     args = p.parse_args(argv)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `percival info X | head` ends quietly
     return args.fn(args)
 
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -21,7 +22,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner
 
 from datasets.ingest import (
     IngestReport,
@@ -92,7 +93,8 @@ def statistics_task(store: str, source: str, options: dict, path: str) -> int:
 def ingest_flow(source: str, path: str, store: str, shard_size: int | None = None, workers: int = 2,
                 options: dict | None = None,
                 max_record_elements: int = DEFAULT_MAX_RECORD_ELEMENTS) -> dict:
-    """Ingest the archive at ``path`` into ``store``; returns the report's summary (counts reconcile)."""
+    """Ingest the archive at ``path`` into ``store``, reading shards in ``workers`` processes; returns the
+    report's summary (counts reconcile)."""
 
     t0 = time.perf_counter()
     logger = get_run_logger()
@@ -109,12 +111,7 @@ def ingest_flow(source: str, path: str, store: str, shard_size: int | None = Non
             # Shards are read in worker processes; the flow commits them in order as they arrive, so
             # committing shard k overlaps with reading the shards after it.
             with prefect_env.workers_share_api():
-                if len(specs) > 1:
-                    futures = [read_shard_task.submit(spec, staging) for spec in specs]
-                    staged = (f.result() for f in futures)
-                else:  # one shard: read it here rather than start worker processes for it
-                    staged = (read_shard_task(spec, staging) for spec in specs)
-                for spec, shard in zip(specs, staged, strict=True):
+                for spec, shard in zip(specs, _read_shards(specs, staging, workers), strict=True):
                     report.merge(commit_shard_task(spec, shard, store, path, progress_id, len(specs)))
             statistics_task(store, source, options, path)
         finally:
@@ -122,6 +119,17 @@ def ingest_flow(source: str, path: str, store: str, shard_size: int | None = Non
     report.seconds = time.perf_counter() - t0
     _publish(report)
     return report.summary()
+
+
+def _read_shards(specs: list[ShardSpec], staging: str, workers: int) -> Iterator[dict]:
+    """Staged shards in order. With several shards and workers, they are read in that many processes while
+    the flow commits the ones already read; a single shard is read here (no worker start-up)."""
+    if workers <= 1 or len(specs) <= 1:
+        yield from (read_shard_task(spec, staging) for spec in specs)
+        return
+    with ProcessPoolTaskRunner(max_workers=workers) as runner:
+        futures = [runner.submit(read_shard_task, {"spec": spec, "staging": staging}) for spec in specs]
+        yield from (f.result() for f in futures)
 
 
 def _publish(report: IngestReport) -> None:
@@ -140,7 +148,3 @@ def _local_dir(store: str) -> str | None:
     return parent
 
 
-def with_workers(workers: int):
-    """The flow reading shards in ``workers`` processes (1: in threads of the flow's process)."""
-    runner = ProcessPoolTaskRunner(max_workers=workers) if workers > 1 else ThreadPoolTaskRunner(max_workers=1)
-    return ingest_flow.with_options(task_runner=runner)

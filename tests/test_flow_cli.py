@@ -11,14 +11,14 @@ from prefect.client.orchestration import get_client
 from datasets.ingest import ingest
 from datasets.store import open_store
 from pipelines.cli import main
-from pipelines.ingest import with_workers
+from pipelines.ingest import ingest_flow
 
 
 def test_ingest_flow_matches_the_plain_api_and_publishes_a_report(tmp_path, samples):
     src = str(samples / "physionet2019")
     flow_store, api_store = str(tmp_path / "flow.zarr"), str(tmp_path / "api.zarr")
-    state = with_workers(2)(source="physionet2019", path=src, store=flow_store, shard_size=64,
-                            return_state=True)
+    state = ingest_flow(source="physionet2019", path=src, store=flow_store, shard_size=64, workers=2,
+                        return_state=True)
     summary = state.result()
     assert summary["reconciles"] and summary["shards"] == 5 and summary["records_stored"] == 300
     ingest("physionet2019", src, api_store, shard_size=64)
@@ -43,7 +43,7 @@ def test_ingest_flow_matches_the_plain_api_and_publishes_a_report(tmp_path, samp
     assert "Read = stored + quarantined for every source file: **True**" in md
 
     # Re-running the flow on the unchanged archive changes nothing.
-    again = with_workers(1)(source="physionet2019", path=src, store=flow_store)
+    again = ingest_flow(source="physionet2019", path=src, store=flow_store, workers=1)
     assert again["units_skipped"] == 300 and again["shards"] == 0
 
 
