@@ -14,6 +14,9 @@ import pandas as pd
 
 TRANSFORMS = ("identity", "asinh")
 MAD_TO_SIGMA = 1.4826
+#: an ``identity`` channel whose 0.1-99.9 % range exceeds this many robust sigmas is switched to ``asinh``
+#: (a Gaussian spans 6.2)
+HEAVY_TAIL = 25.0
 
 
 def transform(value: np.ndarray, kind: np.ndarray | str, softening: np.ndarray | float) -> np.ndarray:
@@ -34,13 +37,14 @@ def derivative(value: np.ndarray, kind: np.ndarray | str, softening: np.ndarray 
 
 def channel_statistics(channel: np.ndarray, value: np.ndarray, error: np.ndarray, table: pd.DataFrame,
                        train: np.ndarray) -> pd.DataFrame:
-    """``softening``, ``location``, ``scale`` and ``count`` per channel from train-split elements.
+    """``transform``, ``softening``, ``location``, ``scale`` and ``count`` per channel, from train elements.
 
-    ``table`` has one row per channel with ``transform``; ``train`` is a boolean mask over elements.
-    Channels with no train elements get location 0 and scale 1; a zero spread gets scale 1.
+    ``table`` has one row per channel with its declared ``transform``; ``train`` is a boolean mask over
+    elements. Heavy-tailed identity channels become ``asinh`` (see :data:`HEAVY_TAIL`). Channels with no
+    train elements get location 0 and scale 1; a zero spread falls back to the standard deviation, then 1.
     """
     n = len(table)
-    kinds = table["transform"].to_numpy()
+    kinds = table["transform"].to_numpy().astype(object).copy()
     ch = channel[train]
     order = np.argsort(ch, kind="stable")  # radix sort for int16 channel codes
     ch, v, e = ch[order], value[train][order], error[train][order]
@@ -52,10 +56,18 @@ def channel_statistics(channel: np.ndarray, value: np.ndarray, error: np.ndarray
         out["count"][c] = len(vc)
         if len(vc) == 0:
             continue
-        if kinds[c] == "asinh":
+        spread = MAD_TO_SIGMA * np.median(np.abs(vc - np.median(vc)))
+        if kinds[c] == "identity" and spread > 0:
+            lo, hi = np.quantile(vc, [0.001, 0.999])
+            if (hi - lo) / spread > HEAVY_TAIL:
+                # A heavy tail (a lab value spanning decades): z-scores of thousands would dominate any
+                # loss, so compress it logarithmically beyond the typical spread.
+                kinds[c] = "asinh"
+                out["softening"][c] = spread
+        if kinds[c] == "asinh" and out["softening"][c] == 1.0:
             # Soften at the typical noise level: below it fluxes are linear, above it logarithmic.
             finite = ec[np.isfinite(ec)]
-            s = np.median(finite) if len(finite) else MAD_TO_SIGMA * np.median(np.abs(vc - np.median(vc)))
+            s = np.median(finite) if len(finite) else spread
             out["softening"][c] = s if np.isfinite(s) and s > 0 else 1.0
         tv = transform(vc, kinds[c], out["softening"][c])
         loc = np.median(tv)
@@ -63,7 +75,7 @@ def channel_statistics(channel: np.ndarray, value: np.ndarray, error: np.ndarray
         if not np.isfinite(scale) or scale <= 0:
             scale = np.std(tv) if np.std(tv) > 0 else 1.0
         out["location"][c], out["scale"][c] = loc, scale
-    return pd.DataFrame(out)
+    return pd.DataFrame({"transform": kinds, **out})
 
 
 def normalise(value: np.ndarray, error: np.ndarray, channel: np.ndarray, table: pd.DataFrame

@@ -10,7 +10,6 @@ import sys
 import time
 from importlib import resources
 
-from pipelines import prefect_env  # noqa: F401  (before anything imports prefect)
 from pipelines.serve import add_serve_parser
 
 

@@ -36,7 +36,7 @@ from datasets.ingest import (
 from datasets.schema import DEFAULT_MAX_RECORD_ELEMENTS
 from datasets.sources import get_source
 from datasets.store import StoreWriter
-from pipelines import prefect_env  # noqa: F401  (settings before prefect is imported)
+from pipelines import prefect_env
 
 IO_ERRORS = (OSError, TimeoutError)
 

@@ -22,8 +22,6 @@ def configure() -> None:
         os.environ.setdefault(key, value)
 
 
-configure()
-
 
 @contextlib.contextmanager
 def workers_share_api() -> Iterator[None]:

@@ -26,8 +26,6 @@ import zoneinfo
 from pathlib import Path
 from typing import Any
 
-from pipelines import prefect_env  # noqa: F401  (settings before prefect is imported)
-
 
 @dataclasses.dataclass(frozen=True)
 class Schedulable:

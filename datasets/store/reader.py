@@ -187,3 +187,10 @@ def _ranges(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 def open_store(url: str, storage_options: dict | None = None) -> Store:
     """Open the store at ``url`` for reading (see :class:`Store`)."""
     return Store(url, storage_options)
+
+
+def training_data(url: str) -> tuple[ElementSet, pd.DataFrame]:
+    """Every record of the store at ``url`` (with its ``split``) and the channel table: what the training
+    entry point loads (``python -m perceiver.train --data datasets.store.reader:training_data --data-arg URL``)."""
+    store = open_store(url)
+    return store.read(), store.channels

@@ -85,9 +85,10 @@ class StoreWriter:
             train = np.repeat(train_record, row_size)
             stats = channel_statistics(self.group["channel"][:n_el], self.group["value"][:n_el],
                                        self.group["error"][:n_el], table, train)
-            for col in ("softening", "location", "scale", "count"):
+            for col in ("transform", "softening", "location", "scale", "count"):
                 name, dtype = CHANNEL_COLUMNS[col]
-                self.group[name][:] = stats[col].to_numpy().astype(dtype)
+                data = stats[col].to_numpy()
+                self.group[name][:] = data.astype(object) if dtype is str else data.astype(dtype)
         self.meta["statistics_updated"] = now()
         self.out.commit()
         return self.channel_table()

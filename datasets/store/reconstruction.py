@@ -1,0 +1,111 @@
+"""The reconstruction store: what batch inference writes, aligned with the input store.
+
+Zarr v3, written through :class:`~datasets.store.appendable.AppendableGroup` (the same commit protocol as
+the element-set store), readable by ``xarray.open_zarr``:
+
+- ``record``: ``record_id``, ``row_size`` (elements, as in the input store), ``grid_row_size``, ``latent``
+  (record x ``latent_index``: the pooled latent), optionally ``latents`` (record x n_latents*d_latent);
+- ``element`` (aligned element for element with the input store's records, in their order): ``mean``,
+  ``sigma`` (the channel's physical unit), ``mean_normalised``, ``sigma_normalised``;
+- ``grid``: ``grid_time``, ``grid_channel``, ``grid_coord``, ``grid_mean``, ``grid_sigma`` (the
+  reconstruction on requested grids; ``grid_row_size`` per record);
+- ``completed_shard``: ``shard_key`` (shards of input records already written: a re-run skips them);
+- attrs ``percival``: input store, checkpoint and its SHA-256, model config, grid, code version, times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from datasets.store import _zarr
+from datasets.store.appendable import AppendableGroup, StoreError
+
+FORMAT = "percival-reconstruction"
+DIMENSIONS = ("record", "element", "grid", "completed_shard")
+ELEMENT_ARRAYS = {"mean": np.float32, "sigma": np.float32, "mean_normalised": np.float32,
+                  "sigma_normalised": np.float32}
+GRID_ARRAYS = {"time": np.float64, "channel": np.int16, "coord": np.float32, "mean": np.float32,
+               "sigma": np.float32}
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ReconstructionWriter:
+    """Append shards of reconstructed records, each shard one commit, in the order given."""
+
+    def __init__(self, url: str, provenance: dict, d_latent: int, storage_options: dict | None = None):
+        self.out = AppendableGroup(url, {"format": FORMAT, **provenance}, DIMENSIONS, storage_options,
+                                   attrs={"title": "Percival reconstructions", "Conventions": "CF-1.11"})
+        if self.out.created:
+            o = self.out
+            o.create_array("record_id", str, "record", {"cf_role": "timeseries_id"})
+            o.create_array("row_size", np.int64, "record", {"sample_dimension": "element"})
+            o.create_array("grid_row_size", np.int64, "record", {"sample_dimension": "grid"})
+            o.create_array("latent", np.float32, "record", {"long_name": "mean of the latent array"}, width=d_latent)
+            for name, dt in ELEMENT_ARRAYS.items():
+                o.create_array(name, dt, "element", {"long_name": f"reconstruction {name}"}, big=True)
+            for name, dt in GRID_ARRAYS.items():
+                o.create_array(f"grid_{name}", dt, "grid", big=True)
+            o.create_array("shard_key", str, "completed_shard")
+            o.commit()
+        else:
+            same = {k: self.out.meta.get(k) for k in ("input_store", "checkpoint_sha256")}
+            want = {k: provenance.get(k) for k in same}
+            if same != want:
+                self.out.close()
+                raise StoreError(f"{url} holds reconstructions of {same}, not {want}: choose another output")
+        n = self.out.count("completed_shard")
+        self.completed = set(self.out.group["shard_key"][:n].tolist()) if n else set()
+
+    def append(self, key: str, rec: dict[str, np.ndarray]) -> None:
+        """One shard (arrays as :func:`reconstruction_arrays` gives them), then commit."""
+        o = self.out
+        o.append("record", {"record_id": rec["record_id"].astype(object), "row_size": rec["row_size"],
+                            "grid_row_size": rec["grid_row_size"], "latent": rec["latent"]})
+        o.append("element", {name: rec[name] for name in ELEMENT_ARRAYS})
+        o.append("grid", {f"grid_{name}": rec[f"grid_{name}"] for name in GRID_ARRAYS})
+        o.append("completed_shard", {"shard_key": np.array([key], dtype=object)})
+        o.commit()
+        self.completed.add(key)
+
+    def close(self) -> None:
+        self.out.close()
+
+    def __enter__(self) -> ReconstructionWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def reconstruction_arrays(r, row_size: np.ndarray) -> dict[str, np.ndarray]:
+    """A :class:`perceiver.reconstruction.Reconstruction` as the flat arrays the writer stores (and stages)."""
+    return {"record_id": np.asarray(r.record_id, dtype=str), "row_size": np.asarray(row_size, np.int64),
+            "grid_row_size": r.grid_row_size, "latent": r.latent, "mean": r.mean, "sigma": r.sigma,
+            "mean_normalised": r.mean_normalised, "sigma_normalised": r.sigma_normalised,
+            **{f"grid_{k}": v for k, v in r.grid.items()}}
+
+
+def open_reconstruction(url: str, storage_options: dict | None = None) -> dict:
+    """The committed reconstructions as numpy arrays and a records DataFrame (for notebooks and evaluate)."""
+    store = _zarr.make_store(url, read_only=True, storage_options=storage_options)
+    root = _zarr.get_json(store, "zarr.json")
+    if root is None or root.get("attributes", {}).get("percival", {}).get("format") != FORMAT:
+        raise StoreError(f"{url}: not a Percival reconstruction store")
+    g = _zarr.open_group(store, mode="r", consolidated=True)
+    records = pd.DataFrame({"record_id": g["record_id"][:].astype(object), "row_size": g["row_size"][:],
+                            "grid_row_size": g["grid_row_size"][:]})
+    out = {"meta": root["attributes"]["percival"], "records": records, "latent": g["latent"][:]}
+    out.update({name: g[name][:] for name in ELEMENT_ARRAYS})
+    out.update({f"grid_{name}": g[f"grid_{name}"][:] for name in GRID_ARRAYS})
+    return out

@@ -1,0 +1,148 @@
+"""The ``reconstruct`` Prefect flow: batch inference over a whole store into a reconstruction store.
+
+Tasks: ``plan`` (shards of input records not yet reconstructed), ``reconstruct-shard-A-B`` (load the
+checkpoint, reconstruct records A..B, stage the arrays as .npz; retried on I/O errors), ``commit-A-B``
+(append the staged shard to the output store, in shard order). Shards run in ``workers`` local processes
+(a local Dask cluster) or on an existing Dask cluster (``dask_address``) through ``DaskTaskRunner``; every
+worker reports to this flow's Prefect API. A killed run re-run skips the shards already committed, and the
+result equals an uninterrupted run (inference is deterministic; commits are in order). New records appended
+to the input store later are picked up by the next run, so the flow can run on a schedule.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from datasets.store import open_store
+from datasets.store.reconstruction import ReconstructionWriter, file_sha256, reconstruction_arrays
+from pipelines import prefect_env
+from pipelines.ingest import _local_dir, _retry_on_io
+
+
+@task(name="plan", task_run_name="plan")
+def plan_task(store: str, out: str, records_per_shard: int) -> list[tuple[int, int]]:
+    """Record ranges [a, b) of the input store after the last committed one (committed shards are a prefix)."""
+    n = open_store(store).n_records
+    start = 0
+    try:
+        from datasets.store.reconstruction import open_reconstruction
+
+        done = open_reconstruction(out)["meta"]
+        start = int(done.get("input_records_done", 0))
+    except Exception:  # no output yet
+        start = 0
+    return [(a, min(a + records_per_shard, n)) for a in range(start, n, records_per_shard)]
+
+
+@task(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_on_io,
+      task_run_name="reconstruct-shard-{start}-{stop}")
+def reconstruct_shard_task(store: str, checkpoint: str, start: int, stop: int, staging: str, grid: dict,
+                           max_tokens: int, precision: str, threads: int) -> str:
+    import torch
+
+    from perceiver.checkpoint import load
+    from perceiver.reconstruction import GridSpec, reconstruct
+
+    torch.set_num_threads(max(1, threads))
+    s = open_store(store)
+    model, _ = load(checkpoint)
+    elements = s.read(start, stop)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    r = reconstruct(model, elements, s.channels, GridSpec(**grid), max_tokens=max_tokens, dtype=dtype)
+    path = os.path.join(staging, f"shard-{start:09d}-{stop:09d}.npz")
+    np.savez(path, **reconstruction_arrays(r, elements.row_size))
+    return path
+
+
+@task(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_on_io, task_run_name="commit-{start}-{stop}")
+def commit_task(out: str, provenance: dict, d_latent: int, start: int, stop: int, path: str) -> int:
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    with ReconstructionWriter(out, provenance, d_latent) as w:
+        key = f"{start}-{stop}"
+        if key not in w.completed:  # a retried commit that had already landed
+            w.out.meta["input_records_done"] = stop
+            w.append(key, arrays)
+    os.remove(path)
+    get_run_logger().info("records %d..%d reconstructed (%d elements)", start, stop, len(arrays["mean"]))
+    return len(arrays["record_id"])
+
+
+@flow(name="reconstruct", log_prints=True)
+def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: int = 2000, grid_times: int = 64,
+                     grid_coords: int = 0, grid_channels: list[str] | None = None, workers: int = 1,
+                     dask_address: str | None = None, precision: str = "fp32", max_tokens: int = 16_384) -> dict:
+    """Reconstruct every record of ``store`` with the model in ``checkpoint`` into the Zarr store ``out``."""
+    t0 = time.perf_counter()
+    from perceiver.checkpoint import load
+
+    model, config = load(checkpoint)
+    provenance = {
+        "input_store": os.path.abspath(store) if "://" not in store else store,
+        "checkpoint": os.path.abspath(checkpoint),
+        "checkpoint_sha256": file_sha256(Path(checkpoint) / "model.safetensors"),
+        "model_config": config.to_dict(), "code_version": code_version(),
+        "grid": {"n_times": grid_times, "n_coords": grid_coords, "channels": grid_channels},
+        "precision": precision,
+    }
+    shards = plan_task(store, out, records_per_shard)
+    grid = provenance["grid"]
+    done = 0
+    if shards:
+        staging = tempfile.mkdtemp(prefix=".reconstruct-staging-", dir=_local_dir(out))
+        try:
+            threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+            args = {"store": store, "checkpoint": checkpoint, "staging": staging, "grid": grid,
+                    "max_tokens": max_tokens, "precision": precision, "threads": threads}
+            with prefect_env.workers_share_api():
+                for (a, b), path in zip(shards, _run_shards(shards, args, workers, dask_address), strict=True):
+                    done += commit_task(out, provenance, model.config.d_latent, a, b, path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    seconds = time.perf_counter() - t0
+    summary = {"out": out, "shards": len(shards), "records": done, "seconds": round(seconds, 2),
+               "records_per_s": round(done / seconds, 1) if seconds else 0.0}
+    create_markdown_artifact(f"## Reconstruct `{store}` → `{out}`\n\n{len(shards)} shards, {done:,} records, "
+                             f"{seconds:.1f} s ({summary['records_per_s']} records/s); checkpoint "
+                             f"`{checkpoint}` (sha256 {provenance['checkpoint_sha256'][:12]}…).",
+                             key="reconstruct-report")
+    return summary
+
+
+def _run_shards(shards: list[tuple[int, int]], args: dict, workers: int, dask_address: str | None
+                ) -> Iterator[str]:
+    """Staged shard paths in shard order: in this process, or on a (local or remote) Dask cluster."""
+    if dask_address is None and workers <= 1:
+        yield from (reconstruct_shard_task(start=a, stop=b, **args) for a, b in shards)
+        return
+    from prefect_dask import DaskTaskRunner
+
+    runner = DaskTaskRunner(address=dask_address) if dask_address else DaskTaskRunner(
+        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                        "dashboard_address": None})
+    with runner:
+        futures = [runner.submit(reconstruct_shard_task, {"start": a, "stop": b, **args}) for a, b in shards]
+        yield from (f.result() for f in futures)
+
+
+def code_version() -> str:
+    """Percival's version, plus the git commit where the code runs from a checkout."""
+    from importlib.metadata import version
+
+    v = version("percival")
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(__file__)).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{v}+{sha}" if sha else v
