@@ -64,6 +64,25 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.train import train_flow
+
+    summary = train_flow(args.store, args.out, preset=args.preset, steps=args.steps, overrides=args.set,
+                         config_path=args.config, nproc=args.nproc, resume=not args.no_resume)
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from pipelines.reconstruct import reconstruct_flow
+
+    summary = reconstruct_flow(args.store, args.checkpoint, args.out, records_per_shard=args.records_per_shard,
+                               grid_times=args.grid_times, grid_coords=args.grid_coords, workers=args.workers,
+                               dask_address=args.dask_address, precision=args.precision)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def sample_dir() -> str:
     """Where the bundled real samples live (installed with the package)."""
     return str(resources.files("datasets") / "samples")
@@ -116,6 +135,30 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("store")
     info.add_argument("--json", action="store_true")
     info.set_defaults(fn=cmd_info)
+
+    tr = sub.add_parser("train", help="train a model on a store's train split (Prefect flow)")
+    tr.add_argument("store")
+    tr.add_argument("--out", required=True, help="checkpoint directory (resumed if it holds one)")
+    tr.add_argument("--preset", default="small", help="model size: tiny, small (default), bench")
+    tr.add_argument("--steps", type=int, default=None, help="training steps (default from the config)")
+    tr.add_argument("--config", default=None, help="a RunConfig JSON file (instead of --preset)")
+    tr.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
+    tr.add_argument("--nproc", type=int, default=1, help="DDP processes (torchrun); default 1")
+    tr.add_argument("--no-resume", action="store_true", help="start afresh even if --out holds a checkpoint")
+    tr.set_defaults(fn=cmd_train)
+
+    rc = sub.add_parser("reconstruct", help="batch inference over a store into a reconstruction store")
+    rc.add_argument("store")
+    rc.add_argument("--checkpoint", required=True, help="checkpoint directory written by `percival train`")
+    rc.add_argument("--out", required=True, help="output Zarr store (a re-run continues it)")
+    rc.add_argument("--records-per-shard", type=int, default=2000)
+    rc.add_argument("--grid-times", type=int, default=64, help="grid times per channel and record (0: none)")
+    rc.add_argument("--grid-coords", type=int, default=0, help="grid wavelengths per spectral channel (0: none)")
+    rc.add_argument("--workers", type=int, default=1, help="local Dask worker processes (default 1: no Dask)")
+    rc.add_argument("--dask-address", default=None, help="an existing Dask scheduler, e.g. tcp://host:8786")
+    rc.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    rc.set_defaults(fn=cmd_reconstruct)
 
     demo = sub.add_parser("demo", help="run the pipeline on the bundled real samples")
     demo.add_argument("--out", default="percival-demo", help="output directory (default ./percival-demo)")

@@ -23,3 +23,28 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 @pytest.fixture(scope="session")
 def samples() -> Path:
     return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def physionet_sample_store(tmp_path_factory, samples) -> str:
+    """The bundled PhysioNet sample ingested once per test session (read-only for tests)."""
+    from datasets.ingest import ingest
+
+    path = str(tmp_path_factory.mktemp("shared") / "physionet.zarr")
+    ingest("physionet2019", str(samples / "physionet2019"), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, physionet_sample_store) -> str:
+    """A tiny model trained for a few steps on the PhysioNet sample (read-only for tests)."""
+    from datasets.store import open_store
+    from perceiver.config import ModelConfig, RunConfig, TrainConfig
+    from perceiver.train import train
+
+    out = str(tmp_path_factory.mktemp("shared") / "tiny-checkpoint")
+    store = open_store(physionet_sample_store)
+    config = RunConfig(model=ModelConfig.preset("tiny"),
+                       train=TrainConfig(steps=12, warmup_steps=2, log_every=4, eval_every=6, eval_batches=2,
+                                         checkpoint_every=6, batch_tokens=4096, precision="fp32"))
+    return str(train(config, store.read(), store.channels, out))

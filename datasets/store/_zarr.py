@@ -36,3 +36,21 @@ def put_json(store, key: str, doc: dict) -> None:
 
 def open_group(store, mode: str, consolidated: bool) -> zarr.Group:
     return zarr.open_group(store=store, mode=mode, zarr_format=3, use_consolidated=consolidated)
+
+
+def content_hash(group: zarr.Group) -> str:
+    """SHA-256 over every array of ``group`` (names, dtypes, values; attributes and timestamps excluded)."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for name in sorted(group.array_keys()):
+        data = group[name][:]
+        h.update(name.encode())
+        if data.dtype.kind in "TUO":
+            h.update("\x1f".join(map(str, data.ravel().tolist())).encode())
+        else:
+            h.update(str(data.dtype).encode())
+            h.update(np.ascontiguousarray(data).tobytes())
+    return h.hexdigest()

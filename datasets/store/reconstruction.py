@@ -105,7 +105,8 @@ def open_reconstruction(url: str, storage_options: dict | None = None) -> dict:
     g = _zarr.open_group(store, mode="r", consolidated=True)
     records = pd.DataFrame({"record_id": g["record_id"][:].astype(object), "row_size": g["row_size"][:],
                             "grid_row_size": g["grid_row_size"][:]})
-    out = {"meta": root["attributes"]["percival"], "records": records, "latent": g["latent"][:]}
+    out = {"meta": root["attributes"]["percival"], "records": records, "latent": g["latent"][:],
+           "content_hash": _zarr.content_hash(g)}
     out.update({name: g[name][:] for name in ELEMENT_ARRAYS})
     out.update({f"grid_{name}": g[f"grid_{name}"][:] for name in GRID_ARRAYS})
     return out
