@@ -8,6 +8,9 @@ All three work in normalised units on packed records (``offsets``, per-element `
 - :func:`linear_interpolation`: per record and channel, linear in time between the visible neighbours,
   constant beyond the first and last visible element.
 
+For spectra (a channel a record observed at one time over many wavelengths) "time" is the wavelength: forward
+fill and interpolation run along ``coord`` when it is given (:func:`along_axis`).
+
 Where a record has no visible element of the target's channel (or the target is static, time NaN), the
 time-based baselines fall back to the channel mean. Everything is vectorised with one sort and two
 ``searchsorted`` calls; no per-record Python loop.
@@ -28,6 +31,29 @@ def channel_means(channel: np.ndarray, value: np.ndarray, n_channels: int) -> np
 def channel_mean(channel: np.ndarray, target: np.ndarray, means: np.ndarray) -> np.ndarray:
     """Prediction for each target element: its channel's train-split mean."""
     return means[channel[target]]
+
+
+def along_axis(offsets: np.ndarray, time: np.ndarray, channel: np.ndarray, coord: np.ndarray | None) -> np.ndarray:
+    """The axis a record's channel is interpolated along: its time, or, for a channel the record observed at a
+    single time over many wavelengths (a spectrum), its ``coord`` (wavelength)."""
+    if coord is None:
+        return time
+    n_rec = len(offsets) - 1
+    record = np.repeat(np.arange(n_rec), np.diff(offsets))
+    n_ch = int(channel.max(initial=0)) + 1
+    _, group = np.unique(record.astype(np.int64) * n_ch + channel, return_inverse=True)
+    t = np.where(np.isfinite(time), time, np.nan)
+    n_g = int(group.max(initial=-1)) + 1
+    tmin, tmax = np.full(n_g, np.inf), np.full(n_g, -np.inf)
+    cmin, cmax = np.full(n_g, np.inf), np.full(n_g, -np.inf)
+    ok_t, ok_c = np.isfinite(t), np.isfinite(coord)
+    np.minimum.at(tmin, group[ok_t], t[ok_t])
+    np.maximum.at(tmax, group[ok_t], t[ok_t])
+    np.minimum.at(cmin, group[ok_c], coord[ok_c])
+    np.maximum.at(cmax, group[ok_c], coord[ok_c])
+    spectral = (tmax <= tmin) & (cmax > cmin)  # one time (or none), many wavelengths
+    use_coord = spectral[group] & ok_c
+    return np.where(use_coord, coord.astype(np.float64), time)
 
 
 def _neighbours(offsets, time, channel, visible, target):
@@ -64,18 +90,20 @@ def _neighbours(offsets, time, channel, visible, target):
     return tgt, prev, nxt
 
 
-def forward_fill(offsets, time, channel, value, visible, target, means: np.ndarray) -> np.ndarray:
+def forward_fill(offsets, time, channel, value, visible, target, means: np.ndarray, coord=None) -> np.ndarray:
     """Last visible value of the same record and channel at or before the target's time (else the channel
     mean; a target before the first visible element takes the channel mean too, as a forward fill would)."""
-    tgt, prev, _ = _neighbours(offsets, time, channel, visible, target)
+    tgt, prev, _ = _neighbours(offsets, along_axis(offsets, time, channel, coord), channel, visible, target)
     out = means[channel[tgt]].astype(np.float64)
     has = prev >= 0
     out[has] = value[prev[has]]
     return out
 
 
-def linear_interpolation(offsets, time, channel, value, visible, target, means: np.ndarray) -> np.ndarray:
+def linear_interpolation(offsets, time, channel, value, visible, target, means: np.ndarray, coord=None
+                         ) -> np.ndarray:
     """Linear interpolation in time between the visible neighbours of the same record and channel."""
+    time = along_axis(offsets, time, channel, coord)
     tgt, prev, nxt = _neighbours(offsets, time, channel, visible, target)
     out = means[channel[tgt]].astype(np.float64)
     both = (prev >= 0) & (nxt >= 0)
@@ -93,8 +121,10 @@ def linear_interpolation(offsets, time, channel, value, visible, target, means: 
 BASELINES = {"channel_mean": None, "forward_fill": forward_fill, "linear_interpolation": linear_interpolation}
 
 
-def predict_baseline(name: str, offsets, time, channel, value, visible, target, means: np.ndarray) -> np.ndarray:
-    """Predictions of baseline ``name`` for the target elements, in packed order."""
+def predict_baseline(name: str, offsets, time, channel, value, visible, target, means: np.ndarray,
+                     coord: np.ndarray | None = None) -> np.ndarray:
+    """Predictions of baseline ``name`` for the target elements, in packed order. With ``coord``, spectra
+    (a channel seen at one time over many wavelengths) are filled and interpolated along wavelength."""
     if name == "channel_mean":
         return channel_mean(channel, target, means)
-    return BASELINES[name](offsets, time, channel, value, visible, target, means)
+    return BASELINES[name](offsets, time, channel, value, visible, target, means, coord)

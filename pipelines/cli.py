@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
-import time
-from importlib import resources
+from pathlib import Path
 
 from pipelines.serve import add_serve_parser
 
@@ -83,35 +81,30 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
-def sample_dir() -> str:
-    """Where the bundled real samples live (installed with the package)."""
-    return str(resources.files("datasets") / "samples")
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipelines.evaluate import evaluate_flow
+
+    summary = evaluate_flow(args.store, args.checkpoint, args.out, protocols=tuple(args.protocol or ("holdout",)),
+                            seed=args.seed, max_records=args.max_records)
+    print(Path(summary["markdown"]).read_text())
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from datasets.sources import REGISTRY
-    from datasets.store import open_store
-    from pipelines.ingest import ingest_flow
+    from pipelines.demo import demo_flow
 
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
-    t0 = time.perf_counter()
-    rows = []
-    for name in REGISTRY:
-        path = os.path.join(sample_dir(), name)
-        if not os.path.isdir(path) or name == "table":
-            continue
-        store = os.path.join(out, f"{name}.zarr")
-        summary = ingest_flow(name, path, store, workers=args.workers)
-        s = open_store(store)
-        rows.append((name, s.n_records, s.n_elements, summary["elements_quarantined"], summary["reconciles"],
-                     store))
-    print(f"\nPercival demo: bundled samples ingested in {time.perf_counter() - t0:.1f} s\n")
-    print(f"{'source':<15} {'records':>8} {'elements':>10} {'quarantined':>12} {'reconciles':>10}  store")
-    for r in rows:
-        print(f"{r[0]:<15} {r[1]:>8,} {r[2]:>10,} {r[3]:>12,} {str(r[4]):>10}  {r[5]}")
-    print(f"\nInspect one: percival info {rows[0][5]}" if rows else "no samples found")
-    return 0 if all(r[4] for r in rows) else 1
+    d = demo_flow(args.out, steps=args.steps, workers=args.workers)
+    print(f"\nPercival demo: ingest -> train -> reconstruct -> evaluate on the bundled samples, {d['seconds']} s\n")
+    for name, store in d["stores"].items():
+        print(f"  {name:<15} {d['records'][name]:>6,} records   {store}")
+    print(f"\n  model:           {d['checkpoint']} (final training loss {d['train_loss']:.3f})")
+    print(f"  reconstructions: {d['reconstruction']} ({d['reconstructed_records']:,} records)")
+    print(f"  evaluation:      {d['evaluation']}")
+    for p in d["plots"]:
+        print(f"  plot:            {p}")
+    print()
+    print(Path(d["evaluation"]).read_text())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,9 +153,21 @@ def main(argv: list[str] | None = None) -> int:
     rc.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     rc.set_defaults(fn=cmd_reconstruct)
 
-    demo = sub.add_parser("demo", help="run the pipeline on the bundled real samples")
+    ev = sub.add_parser("evaluate", help="score a model and honest baselines on hidden test elements")
+    ev.add_argument("store")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--out", required=True, help="directory for evaluation.md, evaluation.json and PNG plots")
+    ev.add_argument("--protocol", action="append", metavar="P",
+                    help="holdout (30%% of elements hidden at random), holdout:FRACTION, or modality:NAME "
+                         "(e.g. modality:labs); repeatable; default holdout")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--max-records", type=int, default=None, help="limit each split to its first N records")
+    ev.set_defaults(fn=cmd_evaluate)
+
+    demo = sub.add_parser("demo", help="ingest, train, reconstruct and evaluate on the bundled real samples")
     demo.add_argument("--out", default="percival-demo", help="output directory (default ./percival-demo)")
     demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--steps", type=int, default=300, help="training steps of the demo model (default 300)")
     demo.set_defaults(fn=cmd_demo)
 
     add_serve_parser(sub)

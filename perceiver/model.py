@@ -1,0 +1,115 @@
+"""Percival: a Perceiver IO encoder-decoder over packed sets of elements.
+
+Reading order (top to bottom of :meth:`Percival.forward`):
+
+1. the *visible* elements of each record become tokens (:class:`~perceiver.encodings.ElementEncoding`:
+   position = time, coord, channel, modality; plus measurement = value and error);
+2. the learned latent array cross-attends to each record's tokens (one SDPA call per group of records of
+   similar length, no compute on padding beyond a bounded slack -- :mod:`perceiver.attention`);
+3. a stack of latent self-attention blocks refines the latents (B, L, D);
+4. every *target* element becomes a query from its position alone (never its value) and cross-attends to its
+   record's latents; a head returns the mean and log-sigma of the normalised value.
+
+Queries need not be observed elements: :func:`perceiver.inference.predict` asks for any (time, channel,
+coord).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from datasets.loader.batches import Batch
+from perceiver.attention import CrossAttentionBlock, SelfAttentionBlock, plan_varlen
+from perceiver.config import ModelConfig
+from perceiver.encodings import ElementEncoding
+
+
+@dataclass
+class ModelOutput:
+    """Predictions for the target elements (packed in batch order), the latents, and the target offsets."""
+
+    mean: torch.Tensor
+    log_sigma: torch.Tensor
+    latents: torch.Tensor
+    target_offsets: torch.Tensor
+
+
+def subset_offsets(offsets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Offsets (B+1, on the CPU) of the elements selected by ``mask`` from packed records."""
+    off = np.asarray(offsets.cpu(), np.int64)
+    m = np.asarray(mask.cpu(), bool)
+    counts = np.add.reduceat(m.astype(np.int64), off[:-1]) if len(m) else np.zeros(len(off) - 1, np.int64)
+    counts[np.diff(off) == 0] = 0  # reduceat returns the next element for empty segments
+    return torch.from_numpy(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+
+
+class Percival(nn.Module):
+    """The encoder-decoder; see the module docstring. Build it from a :class:`ModelConfig`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = self.config = config
+        if c.n_channels < 1 or len(c.channel_modality) != c.n_channels:
+            raise ValueError("ModelConfig needs the channel vocabulary: call fit_data_statistics first")
+        self.encoding = ElementEncoding(c)
+        self.latents = nn.Parameter(torch.randn(c.n_latents, c.d_latent) * 0.02)
+        self.encoder = CrossAttentionBlock(c.d_latent, c.d_input, c.cross_heads,
+                                           c.cross_head_dim or c.d_input, c.cross_mlp_ratio)
+        n_blocks = 1 if c.share_weights else c.n_layers
+        self.blocks = nn.ModuleList(SelfAttentionBlock(c.d_latent, c.n_heads, c.mlp_ratio)
+                                    for _ in range(n_blocks))
+        self.query_proj = nn.Linear(c.d_input, c.d_query)
+        head_dim = c.decoder_head_dim or c.d_query // c.decoder_heads
+        self.decoder = CrossAttentionBlock(c.d_query, c.d_latent, c.decoder_heads, head_dim,
+                                           c.decoder_mlp_ratio)
+        self.head_norm = nn.LayerNorm(c.d_query)
+        self.head = nn.Linear(c.d_query, 2)
+        self.log_min_sigma = float(np.log(c.min_sigma))
+
+    def encode(self, time: torch.Tensor, channel: torch.Tensor, coord: torch.Tensor, value: torch.Tensor,
+               error: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Latents (B, L, D) of packed observed elements (``offsets`` B+1 on the CPU)."""
+        tokens = self.encoding(time, channel, coord, value, error)
+        plan = plan_varlen(offsets, self.config.varlen).to(tokens.device)
+        x = self.encoder.latents_to_elements(self.latents, tokens, plan)
+        for i in range(self.config.n_layers):
+            x = self.blocks[0 if self.config.share_weights else i](x)
+        return x
+
+    def decode(self, latents: torch.Tensor, time: torch.Tensor, channel: torch.Tensor, coord: torch.Tensor,
+               offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-sigma (normalised units, float32) of packed queries (time, channel, coord).
+
+        A query's modality is its channel's (from the channel table); it carries no value.
+        """
+        q = self.query_proj(self.encoding(time, channel, coord))
+        plan = plan_varlen(offsets, self.config.varlen).to(q.device)
+        return self.head_outputs(self.decoder.queries_to_latents(q, latents, plan))
+
+    def head_outputs(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-sigma (float32) from decoded query states; sigma = exp(raw) + min_sigma (smooth)."""
+        out = self.head(self.head_norm(h)).float()
+        log_sigma = torch.logaddexp(out[:, 1], torch.tensor(self.log_min_sigma, device=out.device))
+        return out[:, 0], log_sigma
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        """Encode the visible elements of ``batch``, predict its target elements."""
+        vis, tgt = batch.visible, batch.target
+        all_vis = bool(vis.all())
+        sel = (lambda x: x) if all_vis else (lambda x: x[vis])
+        vis_offsets = batch.offsets if all_vis else subset_offsets(batch.offsets, vis)
+        latents = self.encode(sel(batch.time), sel(batch.channel), sel(batch.coord), sel(batch.value),
+                              sel(batch.error), vis_offsets)
+        all_tgt = bool(tgt.all())
+        pick = (lambda x: x) if all_tgt else (lambda x: x[tgt])
+        tgt_offsets = batch.offsets if all_tgt else subset_offsets(batch.offsets, tgt)
+        mean, log_sigma = self.decode(latents, pick(batch.time), pick(batch.channel), pick(batch.coord),
+                                      tgt_offsets)
+        return ModelOutput(mean, log_sigma, latents, tgt_offsets)
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,415 @@
+"""The training loop: AdamW, warm-up + cosine schedule, gradient clipping, bf16 autocast, DDP, exact resume.
+
+From Python::
+
+    from perceiver.config import RunConfig
+    from perceiver.train import train
+    path = train(RunConfig(), elements, channels, "runs/demo")   # -> runs/demo
+
+From the shell (one process, or several under torchrun; ``--data`` names a function returning
+``(ElementSet, channel table)``)::
+
+    python -m perceiver.train --data datasets.loader.synthetic:training_data --out runs/demo
+    torchrun --nproc_per_node 2 -m perceiver.train --data MODULE:FUNCTION --data-arg ARG --out runs/ddp
+
+``out_dir`` receives ``config.json``, ``model.safetensors``, ``training_state.pt`` (everything needed to
+resume: weights, optimizer, scheduler, RNG, data position, the pending logging window) and ``metrics.jsonl``
+(one JSON object per line: ``{"step", "split": "train", "loss", "lr", ...}`` and ``{"step", "split": "val",
+"overall": {...}, "modality": {...}, "channel": {...}}``). A run killed at any point and started again with
+``resume=True`` continues from the last checkpoint and produces the same losses and the same final weights as
+an uninterrupted run: the data order and masking plans are functions of (seed, epoch, batch number) only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from datasets.format import ElementSet
+from datasets.loader.batches import Batch, ElementDataset, shard, token_batches
+from perceiver import checkpoint
+from perceiver.config import RunConfig, fit_data_statistics
+from perceiver.model import Percival
+from perceiver.objective import Metrics
+from perceiver.objective import loss as nll_loss
+
+log = logging.getLogger("perceiver.train")
+
+#: the "epoch" used to seed evaluation batches and masks (never a training epoch)
+EVAL_EPOCH = 2**31 - 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# precision and devices
+# ---------------------------------------------------------------------------------------------------------
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX on this CPU (torch's probes, else ``/proc/cpuinfo`` flags)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(requested: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``requested`` ("auto", "bf16", "fp32"); None means plain fp32."""
+    if requested == "fp32":
+        return None
+    if requested not in ("auto", "bf16"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {requested!r}")
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    elif device.type == "cpu":
+        native = cpu_has_native_bf16()
+    else:
+        native = False
+    if requested == "auto":
+        return torch.bfloat16 if native else None
+    if not native:
+        log.warning("bf16 requested on %s without native bf16 support: it will be slow", device)
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclasses.dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group described by torchrun's environment (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return DistInfo(rank=int(os.environ.get("RANK", "0")), world_size=world, local_rank=local_rank,
+                    local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))), device=device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the trainer
+# ---------------------------------------------------------------------------------------------------------
+
+def _splits(elements: ElementSet) -> tuple[str | None, str | None]:
+    """Train and validation split names: the ``split`` column when present, else all records for training."""
+    if "split" not in elements.records.columns:
+        return None, None
+    names = set(elements.records["split"].astype(str))
+    return "train", ("val" if "val" in names else None)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on Linear weights only (not biases, norms, embeddings, the latent array)."""
+    decay = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
+
+
+class Trainer:
+    """Model, optimizer, data and position of one run; :meth:`run` trains to ``config.train.steps``."""
+
+    def __init__(self, config: RunConfig, elements: ElementSet, channels: pd.DataFrame, out_dir: str | Path,
+                 resume: bool = True, dist_info: DistInfo | None = None):
+        self.dist = dist_info or init_distributed()
+        self.out = Path(out_dir)
+        tc = config.train
+        threads = tc.threads or max(1, (os.cpu_count() or 1) // self.dist.local_world_size)
+        if self.dist.device.type == "cpu":
+            torch.set_num_threads(threads)
+
+        state = checkpoint.load_training_state(self.out) if resume else None
+        train_split, val_split = _splits(elements)
+        if state is not None:
+            saved = RunConfig.from_json(self.out / checkpoint.CONFIG)
+            if (saved.train, saved.masking) != (config.train, config.masking):
+                log.warning("resuming %s with a changed train/masking config", self.out)
+            config = dataclasses.replace(config, model=saved.model)
+            modalities = config.model.modalities
+        else:
+            modalities = None
+        self.train_ds = ElementDataset(elements, channels, train_split, modalities=modalities)
+        if len(self.train_ds) == 0:
+            raise ValueError("no training records")
+        if state is None:
+            model_config = fit_data_statistics(config.model, elements, channels, self.train_ds.record_index)
+            config = dataclasses.replace(config, model=model_config)
+        if list(config.model.channel_names) != [str(x) for x in channels["name"]]:
+            raise ValueError("the channel table does not match the checkpoint's channels")
+        self.val_ds = (ElementDataset(elements, channels, val_split, modalities=config.model.modalities)
+                       if val_split else None)
+        self.config = config
+
+        torch.manual_seed(tc.seed)
+        self.model = Percival(config.model).to(self.dist.device)
+        self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=[self.dist.device.index]
+                                                        if self.dist.device.type == "cuda" else None)
+                    if self.dist.world_size > 1 else self.model)
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, tc.weight_decay), lr=tc.lr,
+                                           betas=tuple(tc.betas), fused=None)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.steps, tc.min_lr_ratio))
+        self.dtype = resolve_precision(tc.precision, self.dist.device)
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.window: list[list[float]] = []  # per step since the last log: loss, elements, seconds
+        self._epoch_batches: list[np.ndarray] | None = None
+        if state is not None:
+            self._load_state(state)
+            log.info("resumed %s at step %d (epoch %d, batch %d)", self.out, self.step, self.epoch,
+                     self.batch_in_epoch)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            config.to_json(self.out / checkpoint.CONFIG)
+            self._truncate_metrics()
+        log.info("model: %.2f M parameters, precision %s, %d threads, world size %d",
+                 self.model.n_parameters() / 1e6, self.dtype or "fp32", torch.get_num_threads(),
+                 self.dist.world_size)
+
+    # -- state ------------------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "window": torch.tensor(self.window, dtype=torch.float64).reshape(-1, 3),
+                "world_size": self.dist.world_size}
+
+    def _load_state(self, state: dict) -> None:
+        if state["world_size"] != self.dist.world_size:
+            raise ValueError(f"checkpoint was written by {state['world_size']} processes, "
+                             f"this run has {self.dist.world_size}: the data position would not match")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.window = state["window"].tolist()
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines written after the checkpoint we resume from (a killed run may have some)."""
+        path = self.out / checkpoint.METRICS
+        if not path.exists():
+            return
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        keep = [ln for ln in lines if json.loads(ln)["step"] <= self.step]
+        if len(keep) != len(lines):
+            checkpoint.atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+    def save(self) -> None:
+        if self.dist.is_main:
+            checkpoint.save(self.out, self.model, self.config, self._state(), step=self.step)
+        if self.dist.world_size > 1:
+            dist.barrier()
+
+    def _log(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
+        with open(self.out / checkpoint.METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    # -- data -------------------------------------------------------------------------------------------
+    def next_batch(self) -> Batch:
+        """The next training batch of this rank; the plan depends only on (seed, epoch, batch number)."""
+        tc = self.config.train
+        while True:
+            if self._epoch_batches is None:
+                batches = token_batches(self.train_ds.lengths, tc.batch_tokens, tc.max_records, shuffle=True,
+                                        seed=tc.seed, epoch=self.epoch, record_cost=tc.record_cost,
+                                        max_elements=tc.max_record_elements)
+                self._epoch_batches = shard(batches, self.dist.rank, self.dist.world_size)
+                if not self._epoch_batches:
+                    raise ValueError(f"{len(batches)} batches per epoch cannot feed "
+                                     f"{self.dist.world_size} ranks")
+            if self.batch_in_epoch < len(self._epoch_batches):
+                break
+            self.epoch, self.batch_in_epoch, self._epoch_batches = self.epoch + 1, 0, None
+        number = self.batch_in_epoch * self.dist.world_size + self.dist.rank
+        rng = np.random.default_rng([tc.seed, self.epoch, number])
+        batch = self.train_ds.collate(self._epoch_batches[self.batch_in_epoch], self.config.masking, rng,
+                                      tc.max_record_elements)
+        self.batch_in_epoch += 1
+        return batch.to(self.dist.device)
+
+    # -- one step ---------------------------------------------------------------------------------------
+    def train_step(self, batch: Batch) -> tuple[float, float]:
+        self.ddp.train()
+        with autocast(self.dist.device, self.dtype):
+            output = self.ddp(batch)
+        loss = nll_loss(output, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return float(loss.detach()), float(grad_norm)
+
+    @torch.no_grad()
+    def evaluate(self, dataset: ElementDataset | None = None, max_batches: int | None = None) -> dict:
+        """Metrics on held-out targets of ``dataset`` (default: the validation split), same masking modes."""
+        ds = dataset or self.val_ds
+        tc = self.config.train
+        c = self.config.model
+        metrics = Metrics(c.channel_names, c.channel_modality, c.modalities)
+        batches = token_batches(ds.lengths, tc.batch_tokens, tc.max_records, shuffle=True, seed=tc.seed,
+                                epoch=EVAL_EPOCH, record_cost=tc.record_cost,
+                                max_elements=tc.max_record_elements)
+        self.model.eval()
+        for i, items in enumerate(batches[:max_batches or tc.eval_batches]):
+            rng = np.random.default_rng([tc.seed, EVAL_EPOCH, i])
+            batch = ds.collate(items, self.config.masking, rng, tc.max_record_elements).to(self.dist.device)
+            with autocast(self.dist.device, self.dtype):
+                output = self.model(batch)
+            metrics.update(output, batch)
+        return metrics.summary()
+
+    def _flush_window(self) -> None:
+        w = torch.tensor(self.window, dtype=torch.float64).reshape(-1, 3)
+        sums = torch.stack([w[:, 0].sum(), torch.tensor(float(len(w))), w[:, 1].sum(), w[:, 2].sum()])
+        if self.dist.world_size > 1:
+            dist.all_reduce(sums)  # loss sum, step count, elements, seconds over ranks
+        self.window = []
+        loss = float(sums[0] / sums[1])
+        seconds = float(sums[3]) / self.dist.world_size
+        record = {"step": self.step, "split": "train", "epoch": self.epoch, "loss": loss,
+                  "lr": self.scheduler.get_last_lr()[0],
+                  "elements_per_s": float(sums[2]) / max(seconds, 1e-9)}
+        self._log(record)
+        log.info("step %d  loss %.4f  lr %.2e  %.0f elements/s", self.step, loss, record["lr"],
+                 record["elements_per_s"])
+
+    def run(self, on_step: Callable[[dict], None] | None = None) -> Path:
+        """Train until ``config.train.steps``; checkpoints every ``checkpoint_every`` steps and at the end.
+
+        ``on_step`` is called after every step with ``{"step", "loss", "grad_norm", "elements"}`` (progress
+        reporting; an exception raised there stops the run like a crash, without a checkpoint).
+        """
+        tc = self.config.train
+        while self.step < tc.steps:
+            t0 = time.perf_counter()
+            batch = self.next_batch()
+            loss, grad_norm = self.train_step(batch)
+            self.window.append([loss, float(batch.n_elements), time.perf_counter() - t0])
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {self.step}")
+            if self.step % tc.log_every == 0 or self.step == tc.steps:
+                self._flush_window()
+            if self.val_ds is not None and (self.step % tc.eval_every == 0 or self.step == tc.steps):
+                if self.dist.is_main:
+                    self._log({"step": self.step, "split": "val", **self.evaluate()})
+                if self.dist.world_size > 1:
+                    dist.barrier()
+            if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
+                self.save()
+            if on_step is not None:
+                on_step({"step": self.step, "loss": loss, "grad_norm": grad_norm,
+                         "elements": batch.n_elements})
+        return self.out
+
+
+def train(config: RunConfig, elements: ElementSet, channels: pd.DataFrame, out_dir: str | Path,
+          resume: bool = True, on_step: Callable[[dict], None] | None = None) -> Path:
+    """Train a model on the train split of ``elements`` (all records when there is no ``split`` column).
+
+    Returns ``out_dir`` holding ``config.json``, ``model.safetensors``, ``training_state.pt`` and
+    ``metrics.jsonl``. With ``resume=True`` an existing ``training_state.pt`` is continued exactly. Under
+    torchrun (``WORLD_SIZE`` > 1) every process calls this; rank 0 writes the files.
+    """
+    return Trainer(config, elements, channels, out_dir, resume=resume).run(on_step)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# command line (single process or torchrun)
+# ---------------------------------------------------------------------------------------------------------
+
+def _apply_override(config: RunConfig, item: str) -> RunConfig:
+    """``section.field=value`` (value parsed as JSON when possible)."""
+    key, _, raw = item.partition("=")
+    section, _, name = key.partition(".")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    data = config.to_dict()
+    if section not in data or name not in data[section]:
+        raise SystemExit(f"unknown config field {key!r}")
+    data[section][name] = value
+    return RunConfig.from_dict(data)
+
+
+def load_data(spec: str, arg: str = "") -> tuple[ElementSet, pd.DataFrame]:
+    """Call ``module:function(arg)`` returning ``(ElementSet, channel table)``."""
+    module, _, func = spec.partition(":")
+    if not func:
+        raise SystemExit(f"--data must be MODULE:FUNCTION, got {spec!r}")
+    return getattr(importlib.import_module(module), func)(arg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m perceiver.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="MODULE:FUNCTION returning (ElementSet, channel table)")
+    p.add_argument("--data-arg", default="", help="string passed to the data function")
+    p.add_argument("--out", required=True, help="output / checkpoint directory")
+    p.add_argument("--config", help="RunConfig JSON (defaults otherwise)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config field, e.g. train.steps=500 (repeatable)")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = RunConfig.from_json(args.config) if args.config else RunConfig()
+    for item in args.set:
+        config = _apply_override(config, item)
+    elements, channels = load_data(args.data, args.data_arg)
+    try:
+        path = train(config, elements, channels, args.out, resume=not args.no_resume)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

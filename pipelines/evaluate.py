@@ -1,0 +1,183 @@
+"""The ``evaluate`` Prefect flow: the fixed, seeded held-out protocol of :mod:`perceiver.evaluation`.
+
+For each protocol (``holdout``: 30 % of every record's elements hidden at random; ``modality:NAME``: one whole
+modality hidden) the trained model and three baselines (channel mean of the train split, forward fill,
+per-record per-channel linear interpolation in time) predict exactly the same hidden elements of the test
+split; the baselines' constant σ per channel is fitted on the validation split's hidden elements first.
+
+Tasks: ``plan`` (check the protocols against the store and the checkpoint), ``channel-means`` (the train
+split's mean normalised value per channel, for the channel-mean baseline), ``evaluate-PROTOCOL`` (all the
+numbers of one protocol: a small dict), ``plots-PROTOCOL`` (records with observed points, hidden points, the
+model's mean and σ bands, linear interpolation; the calibration curve), ``report`` (``evaluation.md``,
+``evaluation.json``, and the artifacts: a Markdown report, a table of every protocol × method, and the plots
+as image artifacts).
+
+    from pipelines.evaluate import evaluate_flow
+    evaluate_flow("physionet.zarr", "runs/physionet", "reports/physionet")
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+
+from pipelines import prefect_env  # noqa: F401  (settings before prefect is imported)
+from pipelines.ingest import _retry_on_io
+
+#: PNGs up to this size are embedded in their image artifact (a data URL the Prefect UI shows); larger ones
+#: are linked by file URL
+MAX_EMBEDDED_PNG = 512 * 1024
+
+
+@task(name="plan", task_run_name="plan")
+def plan_task(store: str, checkpoint: str, protocols: list[str]) -> list[str]:
+    """The protocols' canonical names, after checking them against the store and the checkpoint."""
+    from datasets.loader.batches import modality_names
+    from datasets.store import open_store
+    from perceiver.config import RunConfig
+    from perceiver.evaluation import Protocol, check_model_matches_store
+
+    s = open_store(store)
+    config = RunConfig.from_json(Path(checkpoint) / "config.json")
+    check_model_matches_store(config, s)
+    have = modality_names(s.channels)
+    names = []
+    for spec in protocols:
+        p = Protocol.parse(spec)
+        if p.kind == "modality" and p.modality not in have:
+            raise ValueError(f"protocol {spec!r}: store {store} has no modality {p.modality!r}; it has {have}")
+        names.append(p.name)
+    if len(set(names)) != len(names):
+        raise ValueError(f"protocols repeat: {names}")
+    return names
+
+
+@task(name="channel-means", task_run_name="channel-means", retries=2, retry_delay_seconds=1,
+      retry_condition_fn=_retry_on_io)
+def channel_means_task(store: str) -> list[float]:
+    from perceiver.evaluation import train_channel_means
+
+    return train_channel_means(store).tolist()
+
+
+@task(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_on_io, task_run_name="evaluate-{protocol}")
+def evaluate_task(store: str, checkpoint: str, protocol: str, seed: int, max_records: int | None,
+                  means: list[float]) -> dict:
+    from perceiver.checkpoint import load
+    from perceiver.evaluation import evaluate_protocol
+
+    model, config = load(checkpoint)
+    result = evaluate_protocol(store, model, config, protocol, seed=seed, max_records=max_records, means=means)
+    get_run_logger().info("%s: %d hidden elements of %d test records scored", protocol, result.n_elements,
+                          result.n_records)
+    return result.to_dict()
+
+
+@task(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_on_io, task_run_name="plots-{protocol}")
+def plots_task(store: str, checkpoint: str, protocol: str, seed: int, max_records: int | None,
+               means: list[float], result: dict, out_dir: str) -> list[str]:
+    from datasets.store import open_store
+    from perceiver.checkpoint import load
+    from perceiver.evaluation import Protocol, ProtocolResult, load_split, split_plan
+    from perceiver.plots import calibration_plot, record_plot
+
+    model, config = load(checkpoint)
+    s = open_store(store)
+    r = ProtocolResult.from_dict(result)
+    p = Protocol.parse(protocol)
+    ds = load_split(s, r.score_split, config.model.modalities, max_records)
+    hidden = split_plan(ds, p, seed, r.score_split)
+    out = Path(out_dir)
+    records = record_plot(model, ds, hidden, out / f"{p.slug}-records.png", s.time_unit, means=means,
+                          title=f"{protocol}: {r.score_split} records (hidden elements in red)")
+    calibration = calibration_plot(r.levels, r.calibration, out / f"{p.slug}-calibration.png",
+                                   title=f"{protocol}: calibration on {r.score_split}", n=r.n_elements)
+    return [str(records), str(calibration)]
+
+
+def _sha256(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _image_url(path: Path) -> str:
+    data = path.read_bytes()
+    if len(data) <= MAX_EMBEDDED_PNG:
+        return "data:image/png;base64," + base64.b64encode(data).decode()
+    return path.resolve().as_uri()
+
+
+@task(name="report", task_run_name="report")
+def report_task(results: list[dict], plots: dict[str, list[str]], out_dir: str, store: str, checkpoint: str,
+                seed: int, max_records: int | None) -> dict:
+    from perceiver.checkpoint import WEIGHTS
+    from perceiver.evaluation import Protocol, ProtocolResult, report_markdown, table_rows
+
+    out = Path(out_dir)
+    res = [ProtocolResult.from_dict(r) for r in results]
+    names = {p: [Path(x).name for x in paths] for p, paths in plots.items()}
+    markdown = report_markdown(res, store, checkpoint, names)
+    md_path, json_path = out / "evaluation.md", out / "evaluation.json"
+    md_path.write_text(markdown + "\n")
+    doc = {"store": store, "checkpoint": checkpoint, "checkpoint_sha256": _sha256(Path(checkpoint) / WEIGHTS),
+           "seed": seed, "max_records": max_records, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+           "protocols": results, "plots": names}
+    json_path.write_text(json.dumps(doc, indent=1, default=float) + "\n")
+
+    # artifacts: the report (plots listed by path: the UI cannot read local files), a table, the plots
+    listing = {p: [f"`{x}`" for x in paths] for p, paths in plots.items()}
+    create_markdown_artifact(report_markdown(res, store, checkpoint, listing, embed=False),
+                             key="evaluation-report", description=f"evaluate {checkpoint} on {store}")
+    create_table_artifact(table_rows(res), key="evaluation-summary",
+                          description="normalised MSE, MAE, NLL, 68/95 % coverage on the test split's hidden "
+                                      "elements, per protocol and method")
+    for protocol, paths in plots.items():
+        for p in paths:
+            kind = Path(p).stem.rsplit("-", 1)[-1]
+            create_image_artifact(_image_url(Path(p)), key=f"evaluation-{Protocol.parse(protocol).slug}-{kind}",
+                                  description=f"{protocol}: {Path(p).name}")
+    return {"markdown": str(md_path), "json": str(json_path), "out_dir": str(out),
+            "plots": [p for paths in plots.values() for p in paths],
+            "protocols": {r.protocol: {"n_records": r.n_records, "n_elements": r.n_elements,
+                                       "mse": {m: r.metrics[m].get("overall", {}).get("mse") for m in r.metrics},
+                                       "mse_vs_linear": _ratio(r)} for r in res}}
+
+
+def _ratio(result) -> float | None:
+    value = float(result.table().loc["model", "mse_vs_linear"])
+    return value if value == value else None
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(store: str, checkpoint: str, out_dir: str, protocols: tuple[str, ...] | list[str] = (
+        "holdout", "modality:labs"), seed: int = 0, max_records: int | None = None) -> dict:
+    """Evaluate the checkpoint in ``checkpoint`` on the store at ``store`` under each protocol (``holdout``,
+    ``holdout:FRACTION``, ``modality:NAME``); write ``evaluation.md``, ``evaluation.json`` and PNG plots into
+    ``out_dir``; publish them as artifacts. ``max_records`` limits each split to its first records (a quick
+    look). Returns a small summary: files, and per protocol the counts and the overall MSE per method."""
+    t0 = time.perf_counter()
+    logger = get_run_logger()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    names = plan_task(store, checkpoint, list(protocols))
+    means = channel_means_task(store)
+    results, plots = [], {}
+    for name in names:
+        result = evaluate_task(store, checkpoint, name, seed, max_records, means)
+        plots[name] = plots_task(store, checkpoint, name, seed, max_records, means, result, out_dir)
+        results.append(result)
+    summary = report_task(results, plots, out_dir, store, checkpoint, seed, max_records)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    logger.info("evaluation written to %s", summary["markdown"])
+    return summary

@@ -1,0 +1,295 @@
+"""perceiver.evaluation (protocol, baselines on the hidden elements, scoring), perceiver.plots, and the
+``evaluate`` Prefect flow end to end on the bundled PhysioNet sample."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from datasets.format import ElementSet
+from datasets.loader import ElementDataset
+from datasets.loader.synthetic import synthetic_elements
+from perceiver.config import ModelConfig, RunConfig, TrainConfig, fit_data_statistics
+from perceiver.evaluation import (
+    METHODS,
+    Protocol,
+    ProtocolResult,
+    baseline_predictions,
+    coverage_curve,
+    fit_constant_sigma,
+    hidden_elements,
+    load_split,
+    masked_batch,
+    model_predictions,
+    score,
+    split_plan,
+    train_channel_means,
+)
+from perceiver.model import Percival
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+# --- a hand-made ElementSet: identity normalisation, so normalised = physical values ----------------------
+
+def hand_made() -> tuple[ElementDataset, np.ndarray]:
+    """Two records. Channels a, b (vitals) and s (static); '*' = hidden.
+
+    r0: (t=0, a, 1) (0.5, b, 10) (1, a, 2)* (1.5, b, 13)* (2, a, 5) (3, a, 4)*
+    r1: (0, a, 0) (2, a, 2, error 1.5)* (4, a, 8) (NaN, s, 60)*
+    """
+    nan = math.nan
+    time = np.array([0, 0.5, 1, 1.5, 2, 3, 0, 2, 4, nan])
+    channel = np.array([0, 1, 0, 1, 0, 0, 0, 0, 0, 2], np.int16)
+    value = np.array([1, 10, 2, 13, 5, 4, 0, 2, 8, 60], np.float32)
+    error = np.full(10, nan, np.float32)
+    error[7] = 1.5
+    es = ElementSet(pd.DataFrame({"record_id": ["r0", "r1"], "source_file": "x", "split": "test", "t0": 0.0}),
+                    np.array([6, 4]), time, channel, value, error, np.full(10, nan, np.float32))
+    channels = pd.DataFrame({"name": ["a", "b", "s"], "modality": ["vitals", "vitals", "static"],
+                             "unit": ["mmHg", "1 / min", "yr"], "transform": "identity", "softening": 1.0,
+                             "location": 0.0, "scale": 1.0})
+    hidden = np.zeros(10, bool)
+    hidden[[2, 3, 5, 7, 9]] = True
+    return ElementDataset(es, channels), hidden
+
+
+MEANS = np.array([1.0, 15.0, 50.0])  # "train-split" channel means
+
+
+def test_baselines_on_hand_made_records():
+    ds, hidden = hand_made()
+    pred = baseline_predictions(ds, hidden, MEANS)
+    # hidden, in packed order: r0 a@1, b@1.5, a@3; r1 a@2, static s
+    np.testing.assert_allclose(pred["channel_mean"], [1, 15, 1, 1, 50])
+    # last visible value of the same record and channel at or before the time; static -> channel mean
+    np.testing.assert_allclose(pred["forward_fill"], [1, 10, 5, 0, 50])
+    # a@1 between (0, 1) and (2, 5): 3; b@1.5 after the last b: 10; a@3 after the last a: 5;
+    # r1 a@2 between (0, 0) and (4, 8): 4; static -> channel mean
+    np.testing.assert_allclose(pred["linear_interpolation"], [3, 10, 5, 4, 50])
+
+
+def test_scoring_matches_hand_computed_values():
+    ds, hidden = hand_made()
+    sel = np.flatnonzero(hidden)
+    value, error, channel = ds.value[sel], ds.error[sel], ds.channel[sel]
+    mean = baseline_predictions(ds, hidden, MEANS)["linear_interpolation"]
+    sigma = np.full(5, 2.0)
+    out = score(value, error, channel, mean, sigma, ["a", "b", "s"], [0, 0, 1], ["vitals", "static"])
+
+    r = np.array([-1.0, 3.0, -1.0, -2.0, 10.0])  # value - prediction
+    var = np.array([4.0, 4.0, 4.0, 4.0 + 1.5**2, 4.0])  # sigma^2 + e^2 (unknown error = 0)
+    nll = 0.5 * (LOG_2PI + np.log(var) + r**2 / var)
+    o = out["overall"]
+    assert o["n"] == 5
+    assert o["mse"] == pytest.approx(115 / 5)
+    assert o["mae"] == pytest.approx(17 / 5)
+    assert o["nll"] == pytest.approx(nll.mean(), rel=1e-6)
+    # |r| / sqrt(var) = 0.5, 1.5, 0.5, 0.8, 5
+    assert o["coverage68"] == pytest.approx(3 / 5) and o["coverage95"] == pytest.approx(4 / 5)
+    assert out["channel"]["a"]["mse"] == pytest.approx((1 + 1 + 4) / 3)
+    assert out["channel"]["b"]["mae"] == pytest.approx(3.0)
+    assert out["modality"]["vitals"]["mse"] == pytest.approx(15 / 4)
+    assert out["modality"]["static"]["nll"] == pytest.approx(nll[4], rel=1e-6)
+    np.testing.assert_allclose(coverage_curve(value, error, mean, sigma, levels=(0.6827, 0.9545, 0.999)),
+                               [3 / 5, 4 / 5, 4 / 5])
+    # a calibrated Gaussian predictor gives its levels back
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal(200_000)
+    np.testing.assert_allclose(coverage_curve(z, np.full(len(z), np.nan), 0 * z, 1 + 0 * z, (0.25, 0.5, 0.9)),
+                               [0.25, 0.5, 0.9], atol=0.005)
+
+
+def test_constant_sigma_is_the_maximum_likelihood_fit():
+    # no errors: the RMS residual of each channel; an empty channel takes the pooled fit
+    r = np.array([1.0, -3.0, 2.0, 2.0])
+    s = fit_constant_sigma(r, np.full(4, np.nan), np.array([0, 0, 1, 1]), 3)
+    np.testing.assert_allclose(s, [math.sqrt(5.0), 2.0, math.sqrt(18 / 4)])
+    # with errors: a maximum of sum log N(r; 0, sigma^2 + e^2)
+    rng = np.random.default_rng(1)
+    e = rng.uniform(0.1, 2.0, 500)
+    r = rng.standard_normal(500) * np.sqrt(0.7**2 + e**2)
+    (fit,) = fit_constant_sigma(r, e, np.zeros(500, np.int64), 1)
+
+    def nll(sig):
+        v = sig**2 + e**2
+        return np.sum(np.log(v) + r**2 / v)
+
+    assert nll(fit) <= min(nll(fit * 0.99), nll(fit * 1.01))
+    assert 0.5 < fit < 0.9
+    # residuals smaller than the errors: the floor, not a negative variance
+    assert fit_constant_sigma(np.zeros(3), np.ones(3), np.zeros(3, np.int64), 1)[0] == pytest.approx(1e-3)
+
+
+# --- the protocol ------------------------------------------------------------------------------------------
+
+def test_holdout_hides_thirty_percent_per_record_deterministically():
+    elements, channels = synthetic_elements(n_records=40, seed=5)
+    ds = ElementDataset(elements, channels)
+    a = split_plan(ds, "holdout", seed=3, split="test")
+    b = split_plan(ds, "holdout", seed=3, split="test")
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, split_plan(ds, "holdout", seed=4, split="test"))
+    assert not np.array_equal(a, split_plan(ds, "holdout", seed=3, split="val"))
+    counts = np.add.reduceat(a.astype(int), ds.offsets[:-1])
+    np.testing.assert_array_equal(counts, np.clip(np.rint(0.3 * ds.lengths), 1, ds.lengths - 1))
+
+    # one-element records hide nothing; two-element records hide one; never a whole record
+    offsets = np.array([0, 1, 3, 13])
+    h = hidden_elements(offsets, np.zeros(13, np.int64), np.arange(13.0), "holdout", ["m"],
+                        np.random.default_rng(0))
+    assert h[0:1].sum() == 0 and h[1:3].sum() == 1 and h[3:13].sum() == 3
+
+
+def test_modality_protocol_hides_exactly_the_named_modality():
+    # records: [vitals, labs, vitals, static] | [labs, labs] | [vitals, vitals]
+    modality = np.array([0, 1, 0, 2, 1, 1, 0, 0])
+    offsets = np.array([0, 4, 6, 8])
+    h = hidden_elements(offsets, modality, np.zeros(8), "modality:labs", ["vitals", "labs", "static"],
+                        np.random.default_rng(0))
+    np.testing.assert_array_equal(h, [0, 1, 0, 0, 0, 0, 0, 0])
+    with pytest.raises(ValueError, match="no modality 'spectrum'"):
+        hidden_elements(offsets, modality, np.zeros(8), "modality:spectrum", ["vitals", "labs", "static"], None)
+
+    elements, channels = synthetic_elements(n_records=40, seed=5)
+    ds = ElementDataset(elements, channels)
+    labs = ds.modalities.index("labs")
+    h = split_plan(ds, "modality:labs", seed=0, split="test")
+    assert h.any() and (ds.modality[h] == labs).all()
+    per_record = np.add.reduceat(h.astype(int), ds.offsets[:-1])
+    n_labs = np.add.reduceat((ds.modality == labs).astype(int), ds.offsets[:-1])
+    np.testing.assert_array_equal(per_record, n_labs)  # every labs element of a record that has labs
+    assert (per_record < ds.lengths).all()
+
+
+def test_protocol_names():
+    assert Protocol.parse("holdout") == Protocol("holdout", None, 0.3)
+    assert Protocol.parse("holdout:0.5").name == "holdout:0.5"
+    assert Protocol.parse("modality:labs").slug == "modality-labs"
+    for bad in ("modality", "holdout:1.5", "forecast"):
+        with pytest.raises(ValueError):
+            Protocol.parse(bad)
+
+
+def test_model_predicts_exactly_the_hidden_elements_whatever_the_batching():
+    elements, channels = synthetic_elements(n_records=12, seed=2, lengths=np.arange(12) * 7 + 5)
+    torch.manual_seed(0)
+    model = Percival(fit_data_statistics(ModelConfig.preset("tiny"), elements, channels)).eval()
+    ds = ElementDataset(elements, channels, modalities=model.config.modalities)
+    hidden = split_plan(ds, "holdout", seed=0, split="test")
+    m1, s1 = model_predictions(model, ds, hidden, batch_tokens=100, max_records=3)
+    m2, s2 = model_predictions(model, ds, hidden, batch_tokens=100_000, max_records=None)
+    assert len(m1) == hidden.sum() and np.isfinite(m1).all() and (s1 > 0).all()
+    np.testing.assert_allclose(m1, m2, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(s1, s2, rtol=1e-4, atol=1e-5)
+    # the same numbers as the model's own forward pass with those elements as its targets
+    batch, _ = masked_batch(ds, np.arange(len(ds)), hidden)
+    with torch.no_grad():
+        out = model(batch)
+    np.testing.assert_allclose(m1, out.mean.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(s1, out.log_sigma.exp().numpy(), rtol=1e-4, atol=1e-4)
+
+
+# --- the flow, end to end ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def physionet_run(tmp_path_factory, samples):
+    from datasets.ingest import ingest
+    from datasets.store import open_store
+    from perceiver.train import train
+
+    root = tmp_path_factory.mktemp("evaluate")
+    store = str(root / "physionet.zarr")
+    ingest("physionet2019", str(samples / "physionet2019"), store)
+    s = open_store(store)
+    config = RunConfig(model=ModelConfig.preset("tiny"),
+                       train=TrainConfig(steps=24, lr=3e-3, warmup_steps=4, batch_tokens=2048, max_records=16,
+                                         record_cost=8, log_every=8, eval_every=1000, checkpoint_every=1000,
+                                         precision="fp32", threads=1))
+    checkpoint = train(config, s.read(), s.channels, root / "run")
+    return store, str(checkpoint), root
+
+
+def test_evaluate_flow_end_to_end(physionet_run):
+    from matplotlib.image import imread
+    from prefect.client.orchestration import get_client
+
+    from datasets.store import open_store
+    from pipelines.evaluate import evaluate_flow
+
+    store, checkpoint, root = physionet_run
+    out = root / "report"
+    state = evaluate_flow(store, checkpoint, str(out), return_state=True)
+    summary = state.result()
+
+    md = (out / "evaluation.md").read_text()
+    for method in METHODS:
+        assert f"| {method} |" in md
+    assert "## Protocol `holdout`" in md and "## Protocol `modality:labs`" in md
+    assert "val-split records" in md and "scored on the test split" in md  # where sigma was fitted, scored
+    doc = json.loads((out / "evaluation.json").read_text())
+    results = {r["protocol"]: ProtocolResult.from_dict(r) for r in doc["protocols"]}
+    assert set(results) == {"holdout", "modality:labs"}
+    for r in results.values():
+        table = r.table()
+        assert list(table.index) == list(METHODS) and (table["n"] == r.n_elements).all() and r.n_elements > 0
+        assert np.isfinite(table[["mse", "mae", "nll", "coverage68", "coverage95"]].to_numpy()).all()
+        assert table.loc["linear_interpolation", "mse_vs_linear"] == pytest.approx(1.0)
+    assert set(results["modality:labs"].metrics["model"]["modality"]) == {"labs"}
+    assert summary["protocols"]["holdout"]["n_elements"] == results["holdout"].n_elements
+
+    # the holdout protocol hid round(30 %) of every test record, and the baselines' sigma was fitted on val
+    st = open_store(store)
+    test = load_split(st, "test")
+    h = split_plan(test, "holdout", seed=0, split="test")
+    assert results["holdout"].n_elements == int(h.sum()) == int(np.clip(np.rint(0.3 * test.lengths), 1,
+                                                                        test.lengths - 1).sum())
+    val = load_split(st, "val")
+    hv = split_plan(val, "holdout", seed=0, split="val")
+    pred = baseline_predictions(val, hv, train_channel_means(st))["forward_fill"]
+    hr = val.channel[hv] == 0
+    rms = math.sqrt(np.mean((val.value[hv][hr] - pred[hr]) ** 2))
+    assert results["holdout"].baseline_sigma["forward_fill"]["HR"] == pytest.approx(rms, rel=1e-6)
+
+    pngs = sorted(out.glob("*.png"))
+    assert {p.name for p in pngs} == {"holdout-records.png", "holdout-calibration.png",
+                                      "modality-labs-records.png", "modality-labs-calibration.png"}
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        img = imread(p)
+        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200 and img.std() > 0
+
+    async def artifacts():
+        async with get_client() as client:
+            run = await client.read_flow_run(state.state_details.flow_run_id)
+            tasks = await client.read_task_runs()
+            arts = await client.read_artifacts()
+            return run, tasks, arts
+
+    run, tasks, arts = asyncio.run(artifacts())
+    assert run.state.is_completed()
+    names = {t.name for t in tasks if t.flow_run_id == run.id}
+    assert {"plan", "channel-means", "evaluate-holdout", "evaluate-modality:labs", "plots-holdout",
+            "report"} <= names
+    mine = [a for a in arts if a.flow_run_id == run.id]
+    assert {a.type for a in mine} >= {"markdown", "table", "image"}
+    assert {a.key for a in mine} >= {"evaluation-report", "evaluation-summary", "evaluation-holdout-calibration",
+                                     "evaluation-modality-labs-records"}
+    table = next(a for a in mine if a.type == "table").data
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert len(rows) == 8 and {r["method"] for r in rows} == set(METHODS)
+
+
+def test_flow_rejects_an_unknown_modality_before_any_work(physionet_run, tmp_path):
+    from pipelines.evaluate import evaluate_flow
+
+    store, checkpoint, _ = physionet_run
+    with pytest.raises(ValueError, match="no modality 'spectrum'"):
+        evaluate_flow(store, checkpoint, str(tmp_path / "x"), protocols=("modality:spectrum",))
+    assert not list((tmp_path / "x").glob("*.png"))

@@ -1,0 +1,271 @@
+"""perceiver model: shapes, invariances (padding, order), no leakage, overfitting, save/load, inference."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from datasets.loader import Batch, ElementDataset, MaskingConfig
+from datasets.loader.synthetic import synthetic_elements
+from perceiver import checkpoint
+from perceiver.attention import plan_varlen
+from perceiver.config import ModelConfig, RunConfig, fit_data_statistics
+from perceiver.inference import Queries, predict
+from perceiver.model import ModelOutput, Percival
+from perceiver.objective import Metrics, gaussian_nll, loss
+
+ATOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def data():
+    lengths = np.array([3, 40, 7, 120, 15, 60, 2, 33, 9, 80, 25, 5])
+    elements, channels = synthetic_elements(seed=1, lengths=lengths)
+    return elements, channels, ElementDataset(elements, channels)
+
+
+def make_model(data, seed: int = 0, **overrides) -> Percival:
+    elements, channels, _ = data
+    config = fit_data_statistics(ModelConfig.preset("tiny", **overrides), elements, channels)
+    torch.manual_seed(seed)
+    return Percival(config).eval()
+
+
+def masked(ds: ElementDataset, items, seed: int = 0) -> Batch:
+    return ds.collate(items, MaskingConfig(holdout=0.4, modality_dropout=0.3), np.random.default_rng(seed))
+
+
+def per_record(x: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
+    return [x[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+
+def test_shapes(data):
+    _, _, ds = data
+    model = make_model(data)
+    batch = masked(ds, [0, 1, 2, 3])
+    out = model(batch)
+    n_tgt = int(batch.target.sum())
+    assert out.mean.shape == out.log_sigma.shape == (n_tgt,)
+    assert out.latents.shape == (4, model.config.n_latents, model.config.d_latent)
+    assert out.target_offsets.tolist()[-1] == n_tgt
+    assert torch.isfinite(out.mean).all() and torch.isfinite(out.log_sigma).all()
+    assert (out.log_sigma >= np.log(model.config.min_sigma) - 1e-6).all()
+
+
+def test_fourier_scales_come_from_data(data):
+    elements, channels, _ = data
+    config = fit_data_statistics(ModelConfig.preset("tiny"), elements, channels)
+    spans = [np.nanmax(elements.time[a:b]) - np.nanmin(elements.time[a:b])
+             for a, b in zip(elements.offsets[:-1], elements.offsets[1:], strict=True)]
+    assert config.time_max_period == pytest.approx(2 * max(spans))
+    assert 0 < config.time_min_period < 1.0
+    assert config.coord_max_period == pytest.approx(2 * (6231.0 - 4770.0))
+    assert config.channel_names == list(channels["name"]) and len(config.modalities) == 4
+
+
+@pytest.mark.parametrize("varlen", ["auto", "padded", "loop"])
+def test_padding_invariance(data, varlen):
+    """A record's outputs do not depend on which (longer or shorter) records share its batch."""
+    _, _, ds = data
+    model = make_model(data, varlen=varlen)
+    full = ds.collate([0, 3, 6, 9, 4])  # lengths 4, 121, 3, 81, 16 (with the static element)
+    out = model(full)
+    for pos, item in enumerate([0, 3, 6, 9, 4]):
+        alone = model(ds.collate([item]))
+        torch.testing.assert_close(out.latents[pos], alone.latents[0], atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(per_record(out.mean, out.target_offsets)[pos], alone.mean,
+                                   atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(per_record(out.log_sigma, out.target_offsets)[pos], alone.log_sigma,
+                                   atol=ATOL, rtol=1e-5)
+
+
+def test_varlen_strategies_agree_and_group_sensibly(data):
+    _, _, ds = data
+    batch = masked(ds, list(range(12)))
+    outs = [make_model(data, varlen=v)(batch) for v in ("auto", "padded", "loop")]
+    for o in outs[1:]:
+        torch.testing.assert_close(o.mean, outs[0].mean, atol=ATOL, rtol=1e-5)
+    # grouping: equal lengths -> one call, no mask, no copy; very different lengths -> several groups
+    plan = plan_varlen(torch.tensor([0, 5, 10, 15]))
+    assert len(plan.groups) == 1 and plan.groups[0].mask is None and plan.groups[0].start == 0
+    plan = plan_varlen(torch.tensor([0, 2000, 2010, 2013, 2014]))
+    assert len(plan.groups) == 2
+    padded = sum(len(g.records) * g.length for g in plan.groups)
+    assert padded < 2100
+
+
+def test_permutation_invariance(data):
+    """Shuffling elements inside each record and shuffling records leaves every prediction unchanged."""
+    _, _, ds = data
+    model = make_model(data)
+    items = [1, 5, 7, 10]
+    batch = masked(ds, items)
+    out = model(batch)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.cat([torch.randperm(int(b - a), generator=g) + a
+                      for a, b in zip(batch.offsets[:-1], batch.offsets[1:], strict=True)])
+    shuffled = Batch(**{f.name: getattr(batch, f.name)[perm] if getattr(batch, f.name).shape[:1] == perm.shape
+                        and f.name not in ("offsets", "record_index", "t_ref") else getattr(batch, f.name)
+                        for f in dataclasses.fields(batch)})
+    out2 = model(shuffled)
+    torch.testing.assert_close(out2.latents, out.latents, atol=ATOL, rtol=1e-5)
+    # targets come out in the shuffled order: compare by element index
+    idx1 = batch.element_index[batch.target]
+    idx2 = shuffled.element_index[shuffled.target]
+    order1, order2 = torch.argsort(idx1), torch.argsort(idx2)
+    torch.testing.assert_close(out2.mean[order2], out.mean[order1], atol=ATOL, rtol=1e-5)
+    # record order
+    rev = ds.collate(items[::-1])
+    fwd = ds.collate(items)
+    torch.testing.assert_close(model(rev).latents.flip(0), model(fwd).latents, atol=ATOL, rtol=1e-5)
+
+
+def test_hidden_elements_do_not_leak_into_the_encoder(data):
+    _, _, ds = data
+    model = make_model(data)
+    batch = masked(ds, [1, 3, 5, 9])
+    hidden = ~batch.visible
+    assert hidden.any()
+    out = model(batch)
+    tampered = dataclasses.replace(batch, value=torch.where(hidden, batch.value + 100.0, batch.value),
+                                   error=torch.where(hidden, torch.full_like(batch.error, 7.0), batch.error))
+    out2 = model(tampered)
+    assert torch.equal(out.latents, out2.latents)
+    assert torch.equal(out.mean, out2.mean) and torch.equal(out.log_sigma, out2.log_sigma)
+    # and gradients: no path from a hidden value to any output
+    value = batch.value.clone().requires_grad_(True)
+    o = model(dataclasses.replace(batch, value=value))
+    (o.mean.sum() + o.log_sigma.sum() + o.latents.sum()).backward()
+    assert (value.grad[hidden] == 0).all()
+    assert (value.grad[batch.visible] != 0).any()
+
+
+def test_queries_are_independent_of_each_other(data):
+    _, _, ds = data
+    model = make_model(data)
+    batch = ds.collate([2, 4])
+    a = predict(model, batch,
+                Queries.from_arrays([1.0, 2.0, 3.0], [0, 1, 4], [np.nan, np.nan, 4770.0], [2, 1]))
+    b = predict(model, batch, Queries.from_arrays([1.0, 9.0, 2.0, 3.0, 5.0], [0, 2, 1, 4, 3],
+                                                  [np.nan, np.nan, np.nan, 4770.0, np.nan], [3, 2]))
+    torch.testing.assert_close(b.mean[[0, 2, 3]], a.mean, atol=ATOL, rtol=1e-5)
+    assert a.latent.shape == (2, model.config.d_latent) and (a.sigma > 0).all()
+
+
+def test_predict_observed_matches_forward(data):
+    _, _, ds = data
+    model = make_model(data)
+    batch = ds.collate([0, 1, 2])
+    out = model(batch)
+    pred = predict(model, batch)
+    torch.testing.assert_close(pred.mean, out.mean)
+    torch.testing.assert_close(pred.sigma, out.log_sigma.exp())
+    torch.testing.assert_close(pred.latent, out.latents.mean(1))
+    # absolute query times: t_ref is subtracted, so asking for the observed times reproduces them
+    t_abs = batch.time.double() + batch.t_ref[torch.repeat_interleave(torch.arange(3), batch.lengths)]
+    q = Queries(batch.offsets, t_abs, batch.channel, batch.coord)
+    torch.testing.assert_close(predict(model, batch, q).mean, out.mean, atol=ATOL, rtol=1e-5)
+    with pytest.raises(ValueError, match="channel"):
+        predict(model, batch, Queries.from_arrays([0.0], [99], [np.nan], [1, 0, 0]))
+
+
+def test_static_elements_use_the_no_time_encoding(data):
+    model = make_model(data)
+    enc = model.encoding
+    nt = enc.time_features.n_features
+    time, coord = torch.tensor([np.nan, 5.0]), torch.tensor([np.nan, np.nan])
+    f = enc.features(time, coord)
+    assert (f[0, :nt] == 0).all() and f[0, nt] == 1 and f[1, nt] == 0 and f[1, :nt].abs().sum() > 0
+    assert (f[:, -3:] == 0).all()  # queries carry no measurement
+    before = enc.proj(f)
+    with torch.no_grad():
+        enc.proj.weight[:, nt] += 1.0  # the learned no-time vector
+    after = enc.proj(f)
+    torch.testing.assert_close(after[0], before[0] + 1.0)
+    torch.testing.assert_close(after[1], before[1])
+    torch.testing.assert_close(enc.no_time, enc.proj.weight[:, nt])
+    # channels of one modality share its embedding: the token table is channel + modality
+    ch = torch.tensor([0, 1])
+    tok = enc(torch.tensor([1.0, 1.0]), ch, torch.tensor([np.nan, np.nan]))
+    assert not torch.allclose(tok[0], tok[1])
+
+
+def test_nll_and_metrics():
+    mean, log_sigma = torch.tensor([0.0, 1.0]), torch.log(torch.tensor([1.0, 0.5]))
+    value, error = torch.tensor([1.0, 1.0]), torch.tensor([float("nan"), 0.5])
+    nll = gaussian_nll(mean, log_sigma, value, error)
+    expect = 0.5 * (np.log(2 * np.pi) + np.log([1.0, 0.5]) + np.array([1.0, 0.0]) / np.array([1.0, 0.5]))
+    np.testing.assert_allclose(nll.numpy(), expect, rtol=1e-6)
+    # coverage of a calibrated Gaussian is close to 68 / 95 %
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    batch_value = torch.randn(n, generator=g) * 2.0
+    out = ModelOutput(torch.zeros(n), torch.full((n,), float(np.log(2.0))), torch.zeros(1, 1, 1),
+                      torch.tensor([0, n]))
+    z = torch.zeros(n)
+    batch = Batch(offsets=torch.tensor([0, n]), time=z, channel=torch.randint(0, 2, (n,), generator=g),
+                  modality=z.long(), value=batch_value, error=torch.full((n,), float("nan")), coord=z,
+                  visible=torch.ones(n, dtype=torch.bool), target=torch.ones(n, dtype=torch.bool),
+                  record_index=torch.tensor([0]), element_index=torch.arange(n), t_ref=torch.zeros(1))
+    m = Metrics(["a", "b"], [0, 1], ["x", "y"])
+    m.update(out, batch)
+    s = m.summary()
+    assert s["overall"]["n"] == n
+    assert abs(s["overall"]["coverage68"] - 0.6827) < 0.01 and abs(s["overall"]["coverage95"] - 0.9545) < 0.01
+    assert abs(s["overall"]["mse"] - 4.0) < 0.15
+    assert set(s["modality"]) == {"x", "y"} and s["channel"]["a"]["n"] + s["channel"]["b"]["n"] == n
+
+
+def test_tiny_model_overfits_a_small_batch(data):
+    """The held-out targets of one fixed batch of short records are memorised."""
+    _, _, ds = data
+    model = make_model(data, seed=1).train()
+    batch = masked(ds, [2, 8, 11, 4], seed=3)
+    no_error = torch.isnan(batch.error[batch.target])  # where the NLL cannot hide behind a measurement error
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses, mses = [], []
+    for _ in range(300):
+        out = model(batch)
+        value = loss(out, batch)
+        opt.zero_grad()
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(value.detach()))
+        residual = out.mean.detach() - batch.value[batch.target]
+        mses.append(float((residual[no_error] ** 2).mean()))
+    assert no_error.sum() >= 10
+    assert losses[-1] < losses[0] - 3.0
+    assert mses[-1] < 0.02 < 0.5 < mses[0]
+
+
+def test_bf16_autocast_close_to_fp32(data):
+    _, _, ds = data
+    model = make_model(data)
+    batch = masked(ds, [1, 3, 5])
+    ref = model(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+    assert out.mean.dtype == torch.float32
+    torch.testing.assert_close(out.mean, ref.mean, atol=0.1, rtol=0.05)
+
+
+def test_save_load_round_trip(tmp_path, data):
+    _, _, ds = data
+    model = make_model(data, share_weights=True)
+    config = RunConfig(model=model.config)
+    checkpoint.save(tmp_path, model, config, step=3)
+    loaded, cfg = checkpoint.load(tmp_path)
+    assert cfg == config
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["share_weights"] is True
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2)
+    batch = masked(ds, [0, 1, 2])
+    torch.testing.assert_close(loaded(batch).mean, model(batch).mean, atol=0, rtol=0)
+    assert RunConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="unknown"):
+        RunConfig.from_dict({"model": {"nonsense": 1}})

@@ -1,0 +1,154 @@
+"""perceiver.train: a short run, checkpoints, exact resume after a crash, 2-process DDP under torchrun.
+
+This file doubles as the DDP worker: ``torchrun ... tests/test_train.py OUT`` trains on every rank and dumps
+each rank's final parameters so the test can compare them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from datasets.loader.synthetic import synthetic_elements
+from perceiver import checkpoint
+from perceiver.config import ModelConfig, RunConfig, TrainConfig
+from perceiver.inference import predict
+from perceiver.train import Trainer, lr_factor, main, resolve_precision, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_run(steps: int = 8, **train_overrides) -> RunConfig:
+    tc = dict(steps=steps, lr=3e-3, warmup_steps=2, batch_tokens=600, max_records=16, record_cost=8,
+              log_every=1, eval_every=4, eval_batches=2, checkpoint_every=3, precision="fp32", threads=1)
+    tc.update(train_overrides)
+    return RunConfig(model=ModelConfig.preset("tiny"), train=TrainConfig(**tc))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_elements(n_records=60, seed=7)
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in checkpoint.read_metrics(out) if r["split"] == "train"}
+
+
+def test_train_writes_a_loadable_checkpoint(tmp_path, data):
+    elements, channels = data
+    out = train(small_run(steps=6), elements, channels, tmp_path / "run")
+    for name in ("config.json", "model.safetensors", "training_state.pt", "metrics.jsonl"):
+        assert (out / name).exists()
+    model, config = checkpoint.load(out)
+    assert config.train.steps == 6 and config.model.channel_names == list(channels["name"])
+    assert config.model.time_max_period > config.model.time_min_period > 0  # data statistics stored
+    records = checkpoint.read_metrics(out)
+    assert sorted(train_losses(out)) == list(range(1, 7))
+    val = [r for r in records if r["split"] == "val"]
+    assert [r["step"] for r in val] == [4, 6]
+    assert {"mse", "mae", "nll", "coverage68", "coverage95"} <= set(val[-1]["overall"])
+    assert set(val[-1]["modality"]) <= set(config.model.modalities) and val[-1]["channel"]
+    from datasets.loader import ElementDataset
+
+    ds = ElementDataset(elements, channels, split="test", modalities=config.model.modalities)
+    pred = predict(model, ds.collate([0, 1]))
+    assert torch.isfinite(pred.mean).all() and pred.latent.shape == (2, config.model.d_latent)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, data):
+    elements, channels = data
+    config = small_run(steps=8)
+    straight = train(config, elements, channels, tmp_path / "straight")
+
+    def crash_at_5(info):
+        if info["step"] == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(config, elements, channels, tmp_path / "resumed", on_step=crash_at_5)
+    state = checkpoint.load_training_state(tmp_path / "resumed")
+    assert state["step"] == 3  # the last checkpoint before the crash
+    assert max(train_losses(tmp_path / "resumed")) == 5  # steps 4, 5 were logged, then lost
+    resumed = train(config, elements, channels, tmp_path / "resumed", resume=True)
+
+    assert train_losses(resumed) == train_losses(straight)
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = checkpoint.load_training_state(straight), checkpoint.load_training_state(resumed)
+    assert (sa["epoch"], sa["batch_in_epoch"]) == (sb["epoch"], sb["batch_in_epoch"])
+    # a finished run resumed again does nothing more
+    again = train(config, elements, channels, tmp_path / "resumed", resume=True)
+    assert train_losses(again) == train_losses(straight)
+
+
+def test_schedule_and_precision():
+    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
+    assert resolve_precision("fp32", torch.device("cpu")) is None
+    assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError):
+        resolve_precision("fp8", torch.device("cpu"))
+
+
+def test_command_line(tmp_path):
+    out = tmp_path / "cli"
+    main(["--data", "datasets.loader.synthetic:training_data", "--data-arg", "40,1", "--out", str(out),
+          "--set", "train.steps=3", "--set", "train.threads=1", "--set", "train.batch_tokens=800",
+          "--set", "model.n_latents=8", "--set", "model.d_latent=32", "--set", "model.n_layers=1"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["steps"] == 3 and config["model"]["n_latents"] == 8
+    assert max(train_losses(out)) == 3
+
+
+# --- DDP ---------------------------------------------------------------------------------------------------
+
+def _ddp_worker(out: str) -> None:
+    """Run under torchrun: train, then dump this rank's parameters."""
+    elements, channels = synthetic_elements(n_records=60, seed=7)
+    trainer = Trainer(small_run(steps=4, eval_every=100), elements, channels, out)
+    trainer.run()
+    state = {k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()}
+    save_file(state, os.path.join(out, f"rank{trainer.dist.rank}.safetensors"))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_ddp_gives_identical_parameters(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__)), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert r0.keys() == r1.keys()
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    # the ranks trained (parameters moved from the shared initialisation) and rank 0 wrote the checkpoint
+    published = load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(published[k], r0[k]) for k in r0)
+    state = checkpoint.load_training_state(tmp_path)
+    assert state["step"] == 4 and state["world_size"] == 2
+    losses = train_losses(tmp_path)
+    assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
+    torch.manual_seed(0)
+    from perceiver.model import Percival
+
+    init = Percival(checkpoint.load(tmp_path)[1].model).state_dict()
+    assert any(not torch.equal(init[k], r0[k]) for k in r0)
+
+
+if __name__ == "__main__":
+    _ddp_worker(sys.argv[1])
