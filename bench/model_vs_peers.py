@@ -289,8 +289,8 @@ def bf16_vs_fp32(steps: int) -> dict:
                           "train_loss_last100": final_train, "seconds": seconds}
         print(f"  {precision}: val NLL {metrics['nll']:.4f}  val MSE {metrics['mse']:.4f}  "
               f"train loss (last 100) {final_train:.4f}  {seconds:.0f} s", flush=True)
-    rel = abs(out["bf16"]["val_nll"] - out["fp32"]["val_nll"]) / abs(out["fp32"]["val_nll"])
-    out["val_nll_rel_diff"] = rel
+    # "reach the fp32 loss within 2 %": bf16 may not be worse by more than 2 % (lower is fine)
+    out["val_nll_rel_diff"] = (out["bf16"]["val_nll"] - out["fp32"]["val_nll"]) / abs(out["fp32"]["val_nll"])
     return out
 
 
@@ -321,7 +321,8 @@ def padded_forward(model, batch):
         return gather, real, plan, off
 
     gv, _, plan_v, _ = dense(batch.visible)
-    tokens = model.encoding(batch.time[gv], batch.channel[gv], batch.coord[gv], batch.value[gv], batch.error[gv])
+    tokens = model.encoding(batch.time[gv], batch.channel[gv], batch.coord[gv], batch.value[gv],
+                            batch.error[gv])
     x = model.encoder.latents_to_elements(model.latents, tokens, plan_v)
     for i in range(model.config.n_layers):
         x = model.blocks[0 if model.config.share_weights else i](x)
@@ -357,6 +358,12 @@ def throughput(steps: int) -> dict:
         rng = np.random.default_rng(0)
         perm = rng.permutation(len(ds))
         naive = [perm[i:i + mean_records] for i in range(0, len(perm) - mean_records + 1, mean_records)]
+        with torch.no_grad():  # the naive baseline computes the same function
+            check = ds.collate(naive[0], trainer.config.masking, np.random.default_rng(0),
+                               tc.max_record_elements)
+            a, b = trainer.model(check), padded_forward(trainer.model, check)
+            assert torch.allclose(a.mean, b.mean, atol=1e-4)
+            assert torch.allclose(a.latents, b.latents, atol=1e-4)
         for label, batches in (("length-aware", budget), ("pad-to-max", naive)):
             elements_seen, seconds, padded = 0, 0.0, 0
             for i in range(steps + 2):

@@ -102,7 +102,7 @@ class ModelConfig:
 class TrainConfig:
     """The training loop: optimiser, schedule, batching, precision, logging and checkpoint cadence."""
 
-    steps: int = 2000
+    steps: int = 1000
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
@@ -110,7 +110,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
     #: token budget per batch (elements + record_cost per record), cap on records per batch, crop length
-    batch_tokens: int = 8192
+    batch_tokens: int = 4096
     max_records: int = 64
     record_cost: int = 32
     max_record_elements: int = 4096
