@@ -25,7 +25,8 @@ from pipelines.train import train_flow
 #: the demo's training run: the small preset, briefly (minutes on 2 cores)
 DEMO_STEPS = 300
 DEMO_OVERRIDES = ["train.warmup_steps=30", "train.eval_every=100", "train.checkpoint_every=100",
-                  "train.batch_tokens=4096", "train.log_every=20", "train.precision=fp32"]
+                  "train.batch_tokens=4096", "train.log_every=20", "train.precision=fp32",
+                  "train.threads=1"]  # one thread: robust when another process shares the 2 cores
 
 
 def sample_dir() -> Path:
