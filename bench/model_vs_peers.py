@@ -364,9 +364,10 @@ def throughput(steps: int) -> dict:
             a, b = trainer.model(check), padded_forward(trainer.model, check)
             assert torch.allclose(a.mean, b.mean, atol=1e-4)
             assert torch.allclose(a.latents, b.latents, atol=1e-4)
-        for label, batches in (("length-aware", budget), ("pad-to-max", naive)):
-            elements_seen, seconds, padded = 0, 0.0, 0
-            for i in range(steps + 2):
+        arms = {"length-aware": budget, "pad-to-max": naive}
+        seen = {k: [0, 0.0, 0] for k in arms}  # real elements, seconds, padded elements
+        for i in range(steps + 2):  # the two arms alternate step by step: machine load hits both alike
+            for label, batches in arms.items():
                 items = batches[i % len(batches)]
                 batch = ds.collate(items, trainer.config.masking, np.random.default_rng([0, i]),
                                    tc.max_record_elements)
@@ -382,12 +383,13 @@ def throughput(steps: int) -> dict:
                     torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), tc.grad_clip)
                     trainer.optimizer.step()
                 if i >= 2:
-                    seconds += time.perf_counter() - t
-                    elements_seen += batch.n_elements
-                    padded += len(items) * int(batch.lengths.max())
-            results[label] = {"elements_per_s": elements_seen / seconds, "records_per_batch":
-                              float(np.mean([len(b) for b in batches[:steps]])), "padding_factor":
-                              padded / elements_seen}
+                    seen[label][1] += time.perf_counter() - t
+                    seen[label][0] += batch.n_elements
+                    seen[label][2] += len(items) * int(batch.lengths.max())
+        for label, batches in arms.items():
+            n, seconds, padded = seen[label]
+            results[label] = {"elements_per_s": n / seconds, "padding_factor": padded / n,
+                              "records_per_batch": float(np.mean([len(b) for b in batches[:steps]]))}
             print(f"  {label:12s}: {results[label]['elements_per_s']:9.0f} elements/s  "
                   f"({results[label]['records_per_batch']:.0f} records/batch, padded/real "
                   f"{results[label]['padding_factor']:.2f})", flush=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,8 +169,6 @@ def _build(cls: type, data: dict):
             v = _build(hint, v)
         elif typing.get_origin(hint) is tuple and isinstance(v, list):
             v = tuple(v)
-        elif typing.get_origin(hint) in (typing.Union, types.UnionType):
-            pass
         kwargs[k] = v
     return cls(**kwargs)
 

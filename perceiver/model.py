@@ -42,8 +42,8 @@ def subset_offsets(offsets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Offsets (B+1, on the CPU) of the elements selected by ``mask`` from packed records."""
     off = np.asarray(offsets.cpu(), np.int64)
     m = np.asarray(mask.cpu(), bool)
-    counts = np.add.reduceat(m.astype(np.int64), off[:-1]) if len(m) else np.zeros(len(off) - 1, np.int64)
-    counts[np.diff(off) == 0] = 0  # reduceat returns the next element for empty segments
+    seg = np.repeat(np.arange(len(off) - 1), np.diff(off))
+    counts = np.bincount(seg[m], minlength=len(off) - 1)
     return torch.from_numpy(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
 
 

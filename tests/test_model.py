@@ -12,10 +12,10 @@ import torch
 from datasets.loader import Batch, ElementDataset, MaskingConfig
 from datasets.loader.synthetic import synthetic_elements
 from perceiver import checkpoint
-from perceiver.attention import plan_varlen
+from perceiver.attention import attend_packed_keys, plan_varlen
 from perceiver.config import ModelConfig, RunConfig, fit_data_statistics
 from perceiver.inference import Queries, predict
-from perceiver.model import ModelOutput, Percival
+from perceiver.model import ModelOutput, Percival, subset_offsets
 from perceiver.objective import Metrics, gaussian_nll, loss
 
 ATOL = 2e-5
@@ -269,3 +269,16 @@ def test_save_load_round_trip(tmp_path, data):
     assert RunConfig.from_json(config.to_json()) == config
     with pytest.raises(ValueError, match="unknown"):
         RunConfig.from_dict({"model": {"nonsense": 1}})
+
+
+def test_empty_records_and_subset_offsets():
+    offsets = torch.tensor([0, 3, 3, 5, 5])
+    mask = torch.tensor([True, False, True, True, True])
+    assert subset_offsets(offsets, mask).tolist() == [0, 2, 2, 4, 4]
+    # records without keys get a zero attention output; the others are unaffected by them
+    g = torch.Generator().manual_seed(0)
+    q, kv = torch.randn(2, 4, 8, generator=g), torch.randn(5, 2, 2, 8, generator=g)
+    out = attend_packed_keys(q, kv, plan_varlen(offsets))
+    assert out.shape == (4, 2, 4, 8) and (out[[1, 3]] == 0).all()
+    alone = attend_packed_keys(q, kv[3:5], plan_varlen(torch.tensor([0, 2])))
+    torch.testing.assert_close(out[2], alone[0])
