@@ -317,8 +317,9 @@ class Trainer:
                   "lr": self.scheduler.get_last_lr()[0],
                   "elements_per_s": float(sums[2]) / max(seconds, 1e-9)}
         self._log(record)
-        log.info("step %d  loss %.4f  lr %.2e  %.0f elements/s", self.step, loss, record["lr"],
-                 record["elements_per_s"])
+        if self.dist.is_main:
+            log.info("step %d  loss %.4f  lr %.2e  %.0f elements/s", self.step, loss, record["lr"],
+                     record["elements_per_s"])
 
     def run(self, on_step: Callable[[dict], None] | None = None) -> Path:
         """Train until ``config.train.steps``; checkpoints every ``checkpoint_every`` steps and at the end.
