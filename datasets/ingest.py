@@ -20,12 +20,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from datasets.format import ELEMENT_DTYPES, QUARANTINE_COLUMNS, ElementSet
+from datasets.format import QUARANTINE_COLUMNS
 from datasets.schema import DEFAULT_MAX_RECORD_ELEMENTS, Validated, drop_known_records, validate
 from datasets.sources import Source, Unit, get_source
 from datasets.store import StoreWriter
@@ -51,6 +48,7 @@ class IngestReport:
     units_found: int = 0
     units_skipped: int = 0
     shards: int = 0
+    shards_planned: int = 0
     records_stored: int = 0
     records_resorted: int = 0
     seconds: float = 0.0
@@ -80,13 +78,8 @@ class IngestReport:
         self.merge({"per_file": v.counts, "quarantine": v.quarantine, "records": v.elements.n_records,
                     "resorted": v.records_resorted, "shards": 1})
 
-    def part(self) -> dict:
-        """This report's counts as plain lists (what a Prefect task returns)."""
-        return {"per_file": self.per_file.to_dict("list"), "quarantine": self.quarantine.to_dict("list"),
-                "records": self.records_stored, "resorted": self.records_resorted, "shards": self.shards}
-
     def merge(self, part: dict) -> None:
-        """Add the counts of :meth:`part` (or of one shard) to this report."""
+        """Add one shard's counts to this report."""
         per_file, quarantine = pd.DataFrame(part["per_file"]), pd.DataFrame(part["quarantine"])
         self.per_file = pd.concat([self.per_file, per_file], ignore_index=True) if len(self.per_file) \
             else per_file.copy()
@@ -171,7 +164,7 @@ def ingest(source: str, path: str, store: str, *, shard_size: int | None = None,
     src, units, specs = plan_shards(source, path, store, shard_size, options, max_record_elements,
                                     storage_options)
     report = IngestReport(store=store, source=source, units_found=len(units),
-                          units_skipped=len(units) - sum(len(s.units) for s in specs))
+                          units_skipped=len(units) - sum(len(s.units) for s in specs), shards_planned=len(specs))
     with StoreWriter(store, src, path, storage_options) as writer:
         commit_shards(writer, zip(specs, _map(read_shard, specs, workers), strict=True), report, progress)
         if specs:  # an unchanged archive changes nothing, not even the statistics' timestamp
@@ -201,30 +194,3 @@ def _ingested_units(store: str, storage_options: dict | None) -> set[tuple[str, 
     if n == 0:
         return set()
     return set(zip(s.group["unit_name"][:n].tolist(), s.group["unit_fingerprint"][:n].tolist(), strict=True))
-
-
-# -- staging: how a Prefect task hands a validated shard to the commit task without returning arrays --
-def save_shard(v: Validated, path: str) -> str:
-    """Write a validated shard to ``path`` (a directory): elements as .npy, tables as Parquet."""
-    os.makedirs(path, exist_ok=True)
-    es = v.elements
-    np.savez(os.path.join(path, "elements.npz"), row_size=es.row_size,
-             **{k: getattr(es, k) for k in ELEMENT_DTYPES})
-    for name, df in (("records", es.records), ("quarantine", v.quarantine), ("counts", v.counts)):
-        pq.write_table(pa.Table.from_pandas(df.astype({c: str for c in df.columns if df[c].dtype == object}),
-                                            preserve_index=False), os.path.join(path, f"{name}.parquet"))
-    with open(os.path.join(path, "resorted"), "w") as f:
-        f.write(str(v.records_resorted))
-    return path
-
-
-def load_shard(path: str) -> Validated:
-    """Read back what :func:`save_shard` wrote (no pickle: npz with allow_pickle=False, Parquet)."""
-    with np.load(os.path.join(path, "elements.npz"), allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    tables = {n: pq.read_table(os.path.join(path, f"{n}.parquet")).to_pandas()
-              for n in ("records", "quarantine", "counts")}
-    with open(os.path.join(path, "resorted")) as f:
-        resorted = int(f.read())
-    es = ElementSet(records=tables["records"], **arrays)
-    return Validated(es, tables["quarantine"], tables["counts"], resorted)

@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from pipelines import prefect_env
 from pipelines.serve import add_serve_parser
 
 
@@ -38,7 +39,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     else:
         from pipelines.ingest import ingest_flow
 
-        summary = ingest_flow(args.source, args.path, args.store, workers=args.workers, **kwargs)
+        with prefect_env.api():
+            summary = ingest_flow(args.source, args.path, args.store, workers=args.workers, **kwargs)
         print(json.dumps(summary, indent=1))
     return 0 if summary["reconciles"] else 1
 
@@ -65,8 +67,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from pipelines.train import train_flow
 
-    summary = train_flow(args.store, args.out, preset=args.preset, steps=args.steps, overrides=args.set,
-                         config_path=args.config, nproc=args.nproc, resume=not args.no_resume)
+    with prefect_env.api():
+        summary = train_flow(args.store, args.out, preset=args.preset, steps=args.steps, overrides=args.set,
+                             config_path=args.config, nproc=args.nproc, resume=not args.no_resume)
     print(json.dumps(summary, indent=1, default=str))
     return 0
 
@@ -74,9 +77,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from pipelines.reconstruct import reconstruct_flow
 
-    summary = reconstruct_flow(args.store, args.checkpoint, args.out, records_per_shard=args.records_per_shard,
-                               grid_times=args.grid_times, grid_coords=args.grid_coords, workers=args.workers,
-                               dask_address=args.dask_address, precision=args.precision)
+    with prefect_env.api():
+        summary = reconstruct_flow(args.store, args.checkpoint, args.out, records_per_shard=args.records_per_shard,
+                                   grid_times=args.grid_times, grid_coords=args.grid_coords, workers=args.workers,
+                                   dask_address=args.dask_address, precision=args.precision)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -84,8 +88,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipelines.evaluate import evaluate_flow
 
-    summary = evaluate_flow(args.store, args.checkpoint, args.out, protocols=tuple(args.protocol or ("holdout",)),
-                            seed=args.seed, max_records=args.max_records)
+    with prefect_env.api():
+        summary = evaluate_flow(args.store, args.checkpoint, args.out, protocols=tuple(args.protocol or ("holdout",)),
+                                seed=args.seed, max_records=args.max_records)
     print(Path(summary["markdown"]).read_text())
     return 0
 
@@ -93,7 +98,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import demo_flow
 
-    d = demo_flow(args.out, steps=args.steps, workers=args.workers)
+    with prefect_env.api():
+        d = demo_flow(args.out, steps=args.steps, workers=args.workers)
     print(f"\nPercival demo: ingest -> train -> reconstruct -> evaluate on the bundled samples, {d['seconds']} s\n")
     for name, store in d["stores"].items():
         print(f"  {name:<15} {d['records'][name]:>6,} records   {store}")
@@ -174,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = p.parse_args(argv)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `percival info X | head` ends quietly
+    if args.fn in (cmd_ingest, cmd_train, cmd_reconstruct, cmd_evaluate, cmd_demo) \
+            and not getattr(args, "no_prefect", False):
+        prefect_env.start_api_early()  # comes up while the command imports its flow
     return args.fn(args)
 
 
