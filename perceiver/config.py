@@ -57,6 +57,9 @@ class ModelConfig:
     decoder_heads: int = 1
     decoder_head_dim: int = 0
     decoder_mlp_ratio: float = 4.0
+    #: decoder: queries also attend to their record's visible element tokens (local evidence beside the
+    #: latents' summary, e.g. the same hour's other vitals); heads of that attention, 0 = latents only
+    decoder_element_heads: int = 4
     #: Fourier features: number of frequencies and the shortest / longest period (data units)
     n_time_freqs: int = 16
     time_min_period: float = 1.0
@@ -78,7 +81,8 @@ class ModelConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> ModelConfig:
         """Named sizes: ``tiny`` (tests, ~30 k parameters), ``small`` (the default, ~1.2 M, trains on a CPU in
-        minutes), ``bench`` (the peer-comparison shape: 256 x 256 latents, 6 layers of 8 heads, ~5.1 M)."""
+        minutes), ``bench`` (the peer-comparison shape: 256 x 256 latents, 6 layers of 8 heads, ~5.1 M; a pure
+        Perceiver IO decoder, as the peers have)."""
         sizes = {
             "tiny": dict(d_input=16, n_latents=8, d_latent=32, n_layers=2, n_heads=2, mlp_ratio=2.0,
                          cross_mlp_ratio=2.0, d_query=32, decoder_mlp_ratio=2.0, n_time_freqs=8,
@@ -86,7 +90,7 @@ class ModelConfig:
             "small": {},
             "bench": dict(d_input=64, n_latents=256, d_latent=256, n_layers=6, n_heads=8, mlp_ratio=4.0,
                           cross_heads=1, cross_head_dim=64, cross_mlp_ratio=1.0, d_query=128, decoder_heads=1,
-                          decoder_head_dim=64, decoder_mlp_ratio=2.0),
+                          decoder_head_dim=64, decoder_mlp_ratio=2.0, decoder_element_heads=0),
         }
         if name not in sizes:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(sizes)}")

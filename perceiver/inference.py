@@ -77,7 +77,7 @@ def predict(model: Percival, batch: Batch, queries: Queries | None = None,
     ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type,
                                                                                              enabled=False)
     with ctx:
-        latents = model.encode(batch.time[vis], batch.channel[vis], batch.coord[vis],
+        encoded = model.encode(batch.time[vis], batch.channel[vis], batch.coord[vis],
                                batch.value[vis], batch.error[vis], vis_offsets)
         if queries is None:
             time, channel, coord, offsets = batch.time, batch.channel, batch.coord, batch.offsets
@@ -90,5 +90,5 @@ def predict(model: Percival, batch: Batch, queries: Queries | None = None,
             channel, coord = queries.channel.to(device), queries.coord.float().to(device)
         if len(channel) and (int(channel.min()) < 0 or int(channel.max()) >= model.config.n_channels):
             raise ValueError("query channel outside the model's channel table")
-        mean, log_sigma = model.decode(latents, time, channel, coord, offsets)
-    return Prediction(mean.float(), torch.exp(log_sigma.float()), latents.float().mean(1), offsets)
+        mean, log_sigma = model.decode(encoded, time, channel, coord, offsets)
+    return Prediction(mean.float(), torch.exp(log_sigma.float()), encoded.latents.float().mean(1), offsets)

@@ -8,7 +8,10 @@ Reading order (top to bottom of :meth:`Percival.forward`):
    similar length, no compute on padding beyond a bounded slack -- :mod:`perceiver.attention`);
 3. a stack of latent self-attention blocks refines the latents (B, L, D);
 4. every *target* element becomes a query from its position alone (never its value) and cross-attends to its
-   record's latents; a head returns the mean and log-sigma of the normalised value.
+   record's latents, then (``decoder_element_heads`` > 0) to its record's visible element tokens with a
+   learned relative-position kernel (:mod:`perceiver.element_attention`) -- the latents carry the record's
+   summary, the elements the local evidence (the same channel an hour earlier, the same hour's other vitals,
+   the neighbouring pixels); a head returns the mean and log-sigma of the normalised value.
 
 Queries need not be observed elements: :func:`perceiver.inference.predict` asks for any (time, channel,
 coord).
@@ -25,7 +28,21 @@ from torch import nn
 from datasets.loader.batches import Batch
 from perceiver.attention import CrossAttentionBlock, SelfAttentionBlock, plan_varlen
 from perceiver.config import ModelConfig
+from perceiver.element_attention import ElementAttention
 from perceiver.encodings import ElementEncoding
+
+
+@dataclass
+class Encoded:
+    """What the decoder reads about a batch: the ``latents`` (B, L, D) and the visible element ``tokens``
+    (packed, N x d_input) with their positions (``time``, ``channel``, ``coord``) and ``offsets`` (B+1, CPU)."""
+
+    latents: torch.Tensor
+    tokens: torch.Tensor
+    time: torch.Tensor
+    channel: torch.Tensor
+    coord: torch.Tensor
+    offsets: torch.Tensor
 
 
 @dataclass
@@ -66,21 +83,22 @@ class Percival(nn.Module):
         head_dim = c.decoder_head_dim or c.d_query // c.decoder_heads
         self.decoder = CrossAttentionBlock(c.d_query, c.d_latent, c.decoder_heads, head_dim,
                                            c.decoder_mlp_ratio)
+        self.element_decoder = ElementAttention(c, self.encoding) if c.decoder_element_heads > 0 else None
         self.head_norm = nn.LayerNorm(c.d_query)
         self.head = nn.Linear(c.d_query, 2)
         self.log_min_sigma = float(np.log(c.min_sigma))
 
     def encode(self, time: torch.Tensor, channel: torch.Tensor, coord: torch.Tensor, value: torch.Tensor,
-               error: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Latents (B, L, D) of packed observed elements (``offsets`` B+1 on the CPU)."""
+               error: torch.Tensor, offsets: torch.Tensor) -> Encoded:
+        """Latents (B, L, D) and tokens of packed observed elements (``offsets`` B+1 on the CPU)."""
         tokens = self.encoding(time, channel, coord, value, error)
         plan = plan_varlen(offsets, self.config.varlen).to(tokens.device)
         x = self.encoder.latents_to_elements(self.latents, tokens, plan)
         for i in range(self.config.n_layers):
             x = self.blocks[0 if self.config.share_weights else i](x)
-        return x
+        return Encoded(x, tokens, time, channel, coord, offsets)
 
-    def decode(self, latents: torch.Tensor, time: torch.Tensor, channel: torch.Tensor, coord: torch.Tensor,
+    def decode(self, encoded: Encoded, time: torch.Tensor, channel: torch.Tensor, coord: torch.Tensor,
                offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-sigma (normalised units, float32) of packed queries (time, channel, coord).
 
@@ -88,7 +106,11 @@ class Percival(nn.Module):
         """
         q = self.query_proj(self.encoding(time, channel, coord))
         plan = plan_varlen(offsets, self.config.varlen).to(q.device)
-        return self.head_outputs(self.decoder.queries_to_latents(q, latents, plan))
+        h = self.decoder.queries_to_latents(q, encoded.latents, plan)
+        if self.element_decoder is not None:
+            h = self.element_decoder(h, time, channel, coord, plan, encoded.tokens, encoded.time, encoded.channel,
+                                     encoded.coord, encoded.offsets)
+        return self.head_outputs(h)
 
     def head_outputs(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-sigma (float32) from decoded query states; sigma = exp(raw) + min_sigma (smooth)."""
@@ -102,14 +124,14 @@ class Percival(nn.Module):
         all_vis = bool(vis.all())
         sel = (lambda x: x) if all_vis else (lambda x: x[vis])
         vis_offsets = batch.offsets if all_vis else subset_offsets(batch.offsets, vis)
-        latents = self.encode(sel(batch.time), sel(batch.channel), sel(batch.coord), sel(batch.value),
+        encoded = self.encode(sel(batch.time), sel(batch.channel), sel(batch.coord), sel(batch.value),
                               sel(batch.error), vis_offsets)
         all_tgt = bool(tgt.all())
         pick = (lambda x: x) if all_tgt else (lambda x: x[tgt])
         tgt_offsets = batch.offsets if all_tgt else subset_offsets(batch.offsets, tgt)
-        mean, log_sigma = self.decode(latents, pick(batch.time), pick(batch.channel), pick(batch.coord),
+        mean, log_sigma = self.decode(encoded, pick(batch.time), pick(batch.channel), pick(batch.coord),
                                       tgt_offsets)
-        return ModelOutput(mean, log_sigma, latents, tgt_offsets)
+        return ModelOutput(mean, log_sigma, encoded.latents, tgt_offsets)
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -12,7 +12,7 @@ import torch
 from datasets.loader import Batch, ElementDataset, MaskingConfig
 from datasets.loader.synthetic import synthetic_elements
 from perceiver import checkpoint
-from perceiver.attention import attend_packed_keys, plan_varlen
+from perceiver.attention import attend_packed_keys, attend_packed_pairs, plan_varlen
 from perceiver.config import ModelConfig, RunConfig, fit_data_statistics
 from perceiver.inference import Queries, predict
 from perceiver.model import ModelOutput, Percival, subset_offsets
@@ -122,6 +122,21 @@ def test_permutation_invariance(data):
     rev = ds.collate(items[::-1])
     fwd = ds.collate(items)
     torch.testing.assert_close(model(rev).latents.flip(0), model(fwd).latents, atol=ATOL, rtol=1e-5)
+
+
+def test_packed_queries_to_packed_keys_match_one_record_at_a_time():
+    """The decoder's element attention: each record's queries see only that record's keys (none: zeros)."""
+    torch.manual_seed(0)
+    for q_lens, k_lens in [([3, 5, 2, 7], [4, 1, 6, 2]), ([4, 4, 4], [2, 3, 0]), ([1, 9, 2, 2, 6], [5] * 5)]:
+        qo, ko = (torch.from_numpy(np.concatenate([[0], np.cumsum(x)])) for x in (q_lens, k_lens))
+        q, k, v = torch.randn(int(qo[-1]), 2, 5), torch.randn(int(ko[-1]), 2, 5), torch.randn(int(ko[-1]), 2, 3)
+        expected = torch.cat([
+            torch.nn.functional.scaled_dot_product_attention(
+                q[qo[b]:qo[b + 1]].transpose(0, 1), k[ko[b]:ko[b + 1]].transpose(0, 1),
+                v[ko[b]:ko[b + 1]].transpose(0, 1)).transpose(0, 1) if k_lens[b] else torch.zeros(q_lens[b], 2, 3)
+            for b in range(len(q_lens))])
+        for mode in ("auto", "padded", "loop"):
+            torch.testing.assert_close(attend_packed_pairs(q, k, v, plan_varlen(qo, mode), ko), expected)
 
 
 def test_hidden_elements_do_not_leak_into_the_encoder(data):
