@@ -46,8 +46,10 @@ class ElementAttention(nn.Module):
         self.proj = nn.Linear(inner, c.d_query)
         self.norm2 = nn.LayerNorm(c.d_query)
         self.mlp = MLP(c.d_query, c.decoder_mlp_ratio)
-        #: kernel weights in logit units: a same-channel bonus, and one weight per time / coord frequency
-        self.same_channel = nn.Parameter(torch.full((self.heads,), 2.0))
+        #: kernel weights in logit units: a same-channel bonus, and one weight per time / coord frequency.
+        #: The bonus starts spread over the heads (0 to 8): one head reads the same channel's nearest values
+        #: (interpolation's evidence, even for a lab drawn a day away), others the same moment's other channels.
+        self.same_channel = nn.Parameter(torch.linspace(0.0, 8.0, self.heads))
         self.time_kernel = nn.Parameter(torch.full((self.heads, n_time), 4.0 / n_time))
         self.coord_kernel = nn.Parameter(torch.full((self.heads, n_coord), 4.0 / n_coord))
 
