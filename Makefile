@@ -26,6 +26,8 @@ demo: setup
 test: setup
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q tests
+	tmp=$$(mktemp -d) && PREFECT_HOME=$$tmp/prefect TMPDIR=$$tmp $(BIN)/python -m pytest -q --nbmake notebooks; \
+		rc=$$?; rm -rf $$tmp; exit $$rc
 
 lint: setup
 	$(BIN)/python -m ruff check .

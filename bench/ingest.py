@@ -7,8 +7,9 @@ PhysioNet 2019 (both zips, 40,331 stays): the naive baseline is what a notebook 
 ``percival ingest`` as a subprocess (wall clock including interpreter and Prefect start-up, with a warm
 Prefect home, as after a user's first flow), the flow's own work, and the plain Python API without Prefect.
 PLAsTiCC (7,848 objects): the ingest work (plain API) and the Prefect start-up separately.
-Prints a table and a final JSON line. The ``percival`` command starts its temporary Prefect API server before
-importing the flow, so its start-up is less than an empty flow's (Prefect's own ephemeral mode). Skips with a message where the data is absent.
+Prints a table and a final JSON line. The ``percival`` command starts its temporary Prefect API server
+before importing the flow, so its start-up is less than an empty flow's (Prefect's own ephemeral mode).
+Skips with a message where the data is absent.
 """
 
 from __future__ import annotations

@@ -125,12 +125,17 @@ def plan_shards(source_name: str, path: str, store: str, shard_size: int | None 
     if "://" not in path and not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist")
     units = source.discover(path)  # an empty folder is nothing to do (a watched folder may be empty)
-    done = _ingested_units(store, storage_options)
-    todo = [u for u in units if (u.name, u.fingerprint) not in done]
     options = source.resolved_options() or options
+    return source, units, shard_specs(source, source_name, units, _ingested_units(store, storage_options),
+                                      shard_size, options, max_record_elements)
+
+
+def shard_specs(source: Source, source_name: str, units: list[Unit], done: set[tuple[str, str]],
+                shard_size: int | None, options: dict, max_record_elements: int) -> list[ShardSpec]:
+    """The units not in the ledger ``done``, grouped into shards."""
+    todo = [u for u in units if (u.name, u.fingerprint) not in done]
     chunks = source.shard(todo, shard_size or source.units_per_shard)
-    return source, units, [ShardSpec(i, source_name, options, c, max_record_elements)
-                           for i, c in enumerate(chunks)]
+    return [ShardSpec(i, source_name, options, c, max_record_elements) for i, c in enumerate(chunks)]
 
 
 def read_shard(spec: ShardSpec) -> Validated:
@@ -163,11 +168,19 @@ def ingest(source: str, path: str, store: str, *, shard_size: int | None = None,
     t0 = time.perf_counter()
     src, units, specs = plan_shards(source, path, store, shard_size, options, max_record_elements,
                                     storage_options)
-    report = IngestReport(store=store, source=source, units_found=len(units),
-                          units_skipped=len(units) - sum(len(s.units) for s in specs), shards_planned=len(specs))
     with StoreWriter(store, src, path, storage_options) as writer:
+        # the ledger again, now under the lock: a run that waited for another writer must not redo its work
+        if any((u.name, u.fingerprint) in writer.ingested for s in specs for u in s.units):
+            first = specs[0]
+            specs = shard_specs(src, source, units, writer.ingested, shard_size, first.options,
+                                first.max_record_elements)
+        report = IngestReport(store=store, source=source, units_found=len(units),
+                              units_skipped=len(units) - sum(len(s.units) for s in specs),
+                              shards_planned=len(specs))
         commit_shards(writer, zip(specs, _map(read_shard, specs, workers), strict=True), report, progress)
-        if specs:  # an unchanged archive changes nothing, not even the statistics' timestamp
+        # an unchanged archive changes nothing, not even the statistics' timestamp; statistics that a killed
+        # run never wrote are written now
+        if specs or not writer.statistics_current:
             writer.update_statistics()
     report.seconds = time.perf_counter() - t0
     return report

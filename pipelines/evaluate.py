@@ -29,7 +29,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
 from pipelines import prefect_env  # noqa: F401  (settings before prefect is imported)
-from pipelines.ingest import _retry_on_io
+from pipelines.retries import retry_on_io
 
 #: PNGs up to this size are embedded in their image artifact (a data URL the Prefect UI shows); larger ones
 #: are linked by file URL
@@ -60,14 +60,14 @@ def plan_task(store: str, checkpoint: str, protocols: list[str]) -> list[str]:
 
 
 @task(name="channel-means", task_run_name="channel-means", retries=2, retry_delay_seconds=1,
-      retry_condition_fn=_retry_on_io)
+      retry_condition_fn=retry_on_io)
 def channel_means_task(store: str) -> list[float]:
     from perceiver.evaluation import train_channel_means
 
     return train_channel_means(store).tolist()
 
 
-@task(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_on_io, task_run_name="evaluate-{protocol}")
+@task(retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io, task_run_name="evaluate-{protocol}")
 def evaluate_task(store: str, checkpoint: str, protocol: str, seed: int, max_records: int | None,
                   means: list[float]) -> dict:
     from perceiver.checkpoint import load
@@ -80,7 +80,7 @@ def evaluate_task(store: str, checkpoint: str, protocol: str, seed: int, max_rec
     return result.to_dict()
 
 
-@task(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_on_io, task_run_name="plots-{protocol}")
+@task(retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io, task_run_name="plots-{protocol}")
 def plots_task(store: str, checkpoint: str, protocol: str, seed: int, max_records: int | None,
                means: list[float], result: dict, out_dir: str) -> list[str]:
     from datasets.store import open_store

@@ -20,21 +20,10 @@ from prefect.artifacts import (
 
 from datasets.ingest import IngestReport, ingest
 from datasets.schema import DEFAULT_MAX_RECORD_ELEMENTS
-
-IO_ERRORS = (OSError, TimeoutError)
-
-
-def _retry_on_io(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except IO_ERRORS:
-        return True
-    except Exception:
-        return False
-    return False
+from pipelines.retries import retry_on_io
 
 
-@task(name="ingest-archive", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_on_io,
+@task(name="ingest-archive", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io,
       task_run_name="ingest-{source}")
 def ingest_task(source: str, path: str, store: str, shard_size: int | None, workers: int, options: dict,
                 max_record_elements: int) -> IngestReport:

@@ -26,25 +26,29 @@ from prefect.artifacts import create_markdown_artifact
 from datasets.store import open_store
 from datasets.store.reconstruction import ReconstructionWriter, file_sha256, reconstruction_arrays
 from pipelines import prefect_env
-from pipelines.ingest import _local_dir, _retry_on_io
+from pipelines.retries import retry_on_io
+
+
+def _local_dir(store: str) -> str | None:
+    """The local folder beside ``store`` (created), or None for an object-store URL: where shards are staged."""
+    if "://" in store and not store.startswith("file://"):
+        return None
+    parent = os.path.dirname(os.path.abspath(store.removeprefix("file://")))
+    os.makedirs(parent, exist_ok=True)
+    return parent
 
 
 @task(name="plan", task_run_name="plan")
 def plan_task(store: str, out: str, records_per_shard: int) -> list[tuple[int, int]]:
     """Record ranges [a, b) of the input store after the last committed one (committed shards are a prefix)."""
-    n = open_store(store).n_records
-    start = 0
-    try:
-        from datasets.store.reconstruction import open_reconstruction
+    from datasets.store.reconstruction import committed_meta
 
-        done = open_reconstruction(out)["meta"]
-        start = int(done.get("input_records_done", 0))
-    except Exception:  # no output yet
-        start = 0
+    n = open_store(store).n_records
+    start = int(committed_meta(out).get("input_records_done", 0))  # {} where there is no output yet
     return [(a, min(a + records_per_shard, n)) for a in range(start, n, records_per_shard)]
 
 
-@task(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_on_io,
+@task(retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io,
       task_run_name="reconstruct-shard-{start}-{stop}")
 def reconstruct_shard_task(store: str, checkpoint: str, start: int, stop: int, staging: str, grid: dict,
                            max_tokens: int, precision: str, threads: int) -> str:
@@ -53,29 +57,30 @@ def reconstruct_shard_task(store: str, checkpoint: str, start: int, stop: int, s
     from perceiver.checkpoint import load
     from perceiver.reconstruction import GridSpec, reconstruct
 
+    caller_threads = torch.get_num_threads()  # in-process runs give the caller (a notebook) its setting back
     torch.set_num_threads(max(1, threads))
-    s = open_store(store)
-    model, _ = load(checkpoint)
-    elements = s.read(start, stop)
-    dtype = torch.bfloat16 if precision == "bf16" else None
-    r = reconstruct(model, elements, s.channels, GridSpec(**grid), max_tokens=max_tokens, dtype=dtype)
+    try:
+        s = open_store(store)
+        model, _ = load(checkpoint)
+        elements = s.read(start, stop)
+        dtype = torch.bfloat16 if precision == "bf16" else None
+        r = reconstruct(model, elements, s.channels, GridSpec(**grid), max_tokens=max_tokens, dtype=dtype)
+    finally:
+        torch.set_num_threads(caller_threads)
     path = os.path.join(staging, f"shard-{start:09d}-{stop:09d}.npz")
     np.savez(path, **reconstruction_arrays(r, elements.row_size))
     return path
 
 
-@task(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_on_io, task_run_name="commit-{start}-{stop}")
+@task(retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io, task_run_name="commit-{start}-{stop}")
 def commit_task(out: str, provenance: dict, d_latent: int, start: int, stop: int, path: str) -> int:
     with np.load(path, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     with ReconstructionWriter(out, provenance, d_latent) as w:
-        key = f"{start}-{stop}"
-        if key not in w.completed:  # a retried commit that had already landed
-            w.out.meta["input_records_done"] = stop
-            w.append(key, arrays)
+        new = w.append_range(start, stop, arrays)  # skips what a retried commit or another run already stored
     os.remove(path)
-    get_run_logger().info("records %d..%d reconstructed (%d elements)", start, stop, len(arrays["mean"]))
-    return len(arrays["record_id"])
+    get_run_logger().info("records %d..%d reconstructed (%d new)", start, stop, new)
+    return new
 
 
 @flow(name="reconstruct", log_prints=True)
@@ -99,7 +104,8 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
     grid = provenance["grid"]
     done = 0
     if shards:
-        staging = tempfile.mkdtemp(prefix=".reconstruct-staging-", dir=_local_dir(out))
+        _remove_dead_staging(_local_dir(out))
+        staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=_local_dir(out))
         try:
             threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
             args = {"store": store, "checkpoint": checkpoint, "staging": staging, "grid": grid,
@@ -117,6 +123,31 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
                              f"`{checkpoint}` (sha256 {provenance['checkpoint_sha256'][:12]}…).",
                              key="reconstruct-report")
     return summary
+
+
+STAGING_PREFIX = ".reconstruct-staging-"
+
+
+def _remove_dead_staging(folder: str | None) -> None:
+    """Staging folders of runs that died (kill -9 skips ``finally``): their shards are redone anyway, and on
+    an unattended schedule they would pile up. A folder's name carries its run's process id."""
+    folder = folder or tempfile.gettempdir()
+    for entry in os.scandir(folder):
+        if not entry.name.startswith(STAGING_PREFIX):
+            continue
+        pid = entry.name.removeprefix(STAGING_PREFIX).split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _run_shards(shards: list[tuple[int, int]], args: dict, workers: int, dask_address: str | None

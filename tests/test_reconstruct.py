@@ -63,7 +63,7 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path, physionet_sample_stor
     script.write_text(KILL_SCRIPT)
     proc = subprocess.Popen([sys.executable, str(script), physionet_sample_store, tiny_checkpoint, out],
                             env=dict(os.environ, PYTHONPATH=os.getcwd()), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 180
     committed = 0
     while time.time() < deadline and proc.poll() is None:
@@ -74,7 +74,7 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path, physionet_sample_stor
         if committed >= 3:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its temporary Prefect server, as a crash would
     proc.wait()
     partial = open_reconstruction(out)
     assert 0 < len(partial["records"]) < 300

@@ -11,6 +11,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from corpus import stay, stay_row, write_zip
 
 from datasets.schema import validate
 from datasets.sources import get_source
@@ -85,41 +86,20 @@ def test_plasticc_counts_match_an_independent_count(samples):
 
 
 # -- broken inputs -----------------------------------------------------------------------------------
-def _zip(path, members: dict[str, bytes]):
-    with zipfile.ZipFile(path, "w") as z:
-        for n, data in members.items():
-            z.writestr(n, data)
-
-
-def _stay(rows: list[list[str]]) -> bytes:
-    return ("|".join(COLUMNS) + "\n" + "".join("|".join(r) + "\n" for r in rows)).encode()
-
-
-def _row(hour: int, hr: str = "80", **cells) -> list[str]:
-    r = ["NaN"] * len(COLUMNS)
-    r[COLUMNS.index("HR")] = hr
-    r[COLUMNS.index("Age")] = "60"
-    r[COLUMNS.index("ICULOS")] = str(hour)
-    r[COLUMNS.index("SepsisLabel")] = "0"
-    for k, val in cells.items():
-        r[COLUMNS.index(k)] = val
-    return r
-
-
 def test_physionet_broken_inputs_are_quarantined_and_the_rest_is_read(tmp_path):
-    good = _stay([_row(1), _row(2)])
+    good = stay([stay_row(1), stay_row(2)])
     members = {
         "set/p1.psv": good,
-        "set/p2.psv": _stay([_row(1), _row(2)])[:-1] + b"|extra|fields\n",        # malformed row
-        "set/p3.psv": _stay([_row(1, hr="eighty"), _row(2)]),                      # non-numeric cell
-        "set/p4.psv": _stay([_row(1, hr="inf"), _row(2)]),                          # infinite value
+        "set/p2.psv": stay([stay_row(1), stay_row(2)])[:-1] + b"|extra|fields\n",        # malformed row
+        "set/p3.psv": stay([stay_row(1, hr="eighty"), stay_row(2)]),                      # non-numeric cell
+        "set/p4.psv": stay([stay_row(1, hr="inf"), stay_row(2)]),                          # infinite value
         "set/p5.psv": b"\xff\xfe" + good,                                           # not UTF-8
         "set/p6.psv": good.replace(b"|", b","),                                     # wrong delimiter
         "set/p7.psv": b"",                                                          # empty file
-        "set/p8.psv": _stay([_row(2), _row(1), _row(1, hr="81")]),                  # unsorted + duplicate
+        "set/p8.psv": stay([stay_row(2), stay_row(1), stay_row(1, hr="81")]),                  # unsorted + duplicate
         "../../evil.psv": good,                                                     # path traversal
     }
-    _zip(tmp_path / "a.zip", members)
+    write_zip(tmp_path / "a.zip", members)
     (tmp_path / "b.zip").write_bytes((tmp_path / "a.zip").read_bytes()[:300])      # truncated zip
     src = get_source("physionet2019")
     units = src.discover(str(tmp_path))
@@ -146,7 +126,7 @@ def test_physionet_file_that_vanishes_before_reading(tmp_path):
     d = tmp_path / "stays"
     d.mkdir()
     for i in range(3):
-        (d / f"p{i}.psv").write_bytes(_stay([_row(1)]))
+        (d / f"p{i}.psv").write_bytes(stay([stay_row(1)]))
     src = get_source("physionet2019")
     units = src.discover(str(d))
     (d / "p1.psv").unlink()

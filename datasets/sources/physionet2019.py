@@ -79,6 +79,8 @@ class PhysioNet2019(Source):
         for unit, data in _read_bytes(units, quarantine):
             texts.append(data)
             ok_units.append(unit)
+        if not ok_units:  # a shard whose files all vanished or are unreadable: quarantine rows only
+            return RawElements.empty(quarantine)
         try:
             matrix, rows = _parse_fast(texts)
         except (pa.ArrowInvalid, ValueError):
@@ -88,7 +90,7 @@ class PhysioNet2019(Source):
             raw.quarantine = quarantine + raw.quarantine
             return raw
         line = np.concatenate([np.arange(2, n + 2) for n in rows]) if rows else np.zeros(0, np.int64)
-        raw = _elements(matrix, np.asarray(rows), line, ok_units)
+        raw = _elements(matrix, np.asarray(rows, dtype=np.int64), line, ok_units)
         raw.quarantine = quarantine + raw.quarantine
         return raw
 

@@ -11,7 +11,14 @@ An append
 2. :meth:`AppendableGroup.commit` rewrites the root ``zarr.json`` in one atomic write: the commit point.
 
 A writer killed at any moment leaves the last commit intact; the next writer starts from the committed
-counts and overwrites whatever lies beyond them. One writer at a time: a lock file beside local stores.
+counts, cuts back whatever lies beyond them and overwrites it.
+
+One writer at a time: an exclusive lock file beside local stores (released by the OS when its holder dies).
+A second writer *waits* for the lock, up to ``lock_timeout`` seconds (default ``PERCIVAL_LOCK_TIMEOUT``, else
+600 s), then fails with :class:`StoreError`: scheduled runs that overlap (a nightly ingest still running when
+the next one starts, two reconstruct runs into one output) queue instead of failing, and the later one
+starts from the earlier one's last commit. A writer that the same thread already holds is refused at once,
+since waiting for itself could never end.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import os
+import threading
+import time
 
 import numpy as np
 from zarr.codecs import ZstdCodec
@@ -27,6 +36,10 @@ from datasets.store import _zarr
 
 BIG_CHUNK, BIG_SHARD = 1 << 18, 1 << 21  # element-like dimensions: 256 Ki per chunk, 2 Mi per shard
 TABLE_CHUNK, TABLE_SHARD = 1 << 14, 1 << 17
+
+
+#: seconds a second writer waits for a store's lock before giving up (environment: PERCIVAL_LOCK_TIMEOUT)
+DEFAULT_LOCK_TIMEOUT = 600.0
 
 
 class StoreError(RuntimeError):
@@ -49,11 +62,18 @@ class AppendableGroup:
     """
 
     def __init__(self, url: str, new_meta: dict, dimensions: tuple[str, ...], storage_options: dict | None = None,
-                 attrs: dict | None = None):
+                 attrs: dict | None = None, lock_timeout: float | None = None):
         self.url = url
         self.attrs = dict(attrs or {})
-        self._lock = _acquire_lock(url)
-        self.store = _zarr.make_store(url, read_only=False, storage_options=storage_options)
+        self._lock = _acquire_lock(url, lock_timeout)
+        try:
+            self._open(new_meta, dimensions, storage_options)
+        except BaseException:  # an I/O error while opening must not keep the lock (a retry would wait on it)
+            self.close()
+            raise
+
+    def _open(self, new_meta: dict, dimensions: tuple[str, ...], storage_options: dict | None) -> None:
+        self.store = _zarr.make_store(self.url, read_only=False, storage_options=storage_options)
         root = _zarr.get_json(self.store, "zarr.json")
         meta = (root or {}).get("attributes", {}).get("percival")
         self.created = meta is None or "commit" not in meta
@@ -65,6 +85,17 @@ class AppendableGroup:
             self.meta = meta
             for d in dimensions:
                 self.meta["commit"].setdefault(d, 0)
+            self._roll_back()
+
+    def _roll_back(self) -> None:
+        """Cut arrays back to the committed counts: a killed writer may have resized some beyond them, and a
+        commit that appends to fewer dimensions than it did must not find (and refuse) their leftovers."""
+        commit = self.meta["commit"]
+        for name in self.group.array_keys():
+            arr = self.group[name]
+            n = commit.get(arr.metadata.dimension_names[0]) if arr.metadata.dimension_names else None
+            if n is not None and arr.shape[0] != n:
+                arr.resize((int(n), *arr.shape[1:]))
 
     def count(self, dim: str) -> int:
         """Committed length along ``dim`` (plus rows appended since the last commit)."""
@@ -116,16 +147,50 @@ class AppendableGroup:
             self._lock = None
 
 
-def _acquire_lock(url: str):
-    """An exclusive lock beside a local store; released by the OS if the process dies."""
+class _Lock:
+    """An open lock file holding ``flock``; remembers its thread so that a nested writer fails fast."""
+
+    _held: dict[str, int] = {}  # lock path -> id of the thread holding it (this process)
+    _guard = threading.Lock()
+
+    def __init__(self, path: str, f):
+        self.path, self.f = path, f
+
+    def close(self) -> None:
+        with self._guard:
+            self._held.pop(self.path, None)
+        self.f.close()
+
+
+def lock_timeout_default() -> float:
+    return float(os.environ.get("PERCIVAL_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT))
+
+
+def _acquire_lock(url: str, timeout: float | None = None) -> _Lock | None:
+    """An exclusive lock beside a local store, waited for up to ``timeout`` seconds; released by the OS if
+    the holding process dies. Object stores (s3://, memory://) have no lock: one writer is the caller's job."""
     if "://" in url and not url.startswith("file://"):
         return None
-    path = url.removeprefix("file://").rstrip("/") + ".lock"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    path = os.path.abspath(url.removeprefix("file://").rstrip("/") + ".lock")
+    timeout = lock_timeout_default() if timeout is None else timeout
+    with _Lock._guard:
+        if _Lock._held.get(path) == threading.get_ident():
+            raise StoreError(f"{url} is being written by another process or, as here, by a writer this thread "
+                             f"still holds open (lock {path}): waiting for itself would never end")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     f = open(path, "a+")  # noqa: SIM115 - held open for the writer's lifetime
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise StoreError(f"{url} is being written by another process (lock {path})") from None
-    return f
+    deadline, pause = time.monotonic() + timeout, 0.01
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                f.close()
+                raise StoreError(f"{url} is being written by another process (lock {path}); waited "
+                                 f"{timeout:g} s (PERCIVAL_LOCK_TIMEOUT)") from None
+            time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+            pause = min(pause * 2, 0.5)
+    with _Lock._guard:
+        _Lock._held[path] = threading.get_ident()
+    return _Lock(path, f)

@@ -30,14 +30,18 @@ class Store:
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url = url
         store = _zarr.make_store(url, read_only=True, storage_options=storage_options)
-        root = _zarr.get_json(store, "zarr.json")
-        if root is None:
+        if _zarr.get_json(store, "zarr.json") is None:
             raise StoreError(f"{url}: no Zarr store here (no zarr.json)")
-        meta = root.get("attributes", {}).get("percival")
+        # counts and shapes from one read of the root document: a commit landing between two reads would
+        # pair one commit's counts with the next one's arrays
+        try:
+            self.group = _zarr.open_group(store, mode="r", consolidated=True)
+        except ValueError:  # no consolidated metadata: a plain Zarr group, not a Percival commit
+            raise StoreError(f"{url}: not a Percival store, or its first commit never finished") from None
+        meta = self.group.attrs.get("percival")
         if meta is None or "commit" not in meta:
             raise StoreError(f"{url}: not a Percival store, or its first commit never finished")
-        self.meta: dict = meta
-        self.group = _zarr.open_group(store, mode="r", consolidated=True)
+        self.meta: dict = dict(meta)
 
     # -- sizes and tables -----------------------------------------------------------------------------
     @property

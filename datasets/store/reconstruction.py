@@ -46,6 +46,13 @@ class ReconstructionWriter:
     def __init__(self, url: str, provenance: dict, d_latent: int, storage_options: dict | None = None):
         self.out = AppendableGroup(url, {"format": FORMAT, **provenance}, DIMENSIONS, storage_options,
                                    attrs={"title": "Percival reconstructions", "Conventions": "CF-1.11"})
+        try:
+            self._open(url, provenance, d_latent)
+        except BaseException:  # release the lock: a retried commit in this thread must not wait for it
+            self.out.close()
+            raise
+
+    def _open(self, url: str, provenance: dict, d_latent: int) -> None:
         if self.out.created:
             o = self.out
             o.create_array("record_id", str, "record", {"cf_role": "timeseries_id"})
@@ -62,10 +69,29 @@ class ReconstructionWriter:
             same = {k: self.out.meta.get(k) for k in ("input_store", "checkpoint_sha256")}
             want = {k: provenance.get(k) for k in same}
             if same != want:
-                self.out.close()
                 raise StoreError(f"{url} holds reconstructions of {same}, not {want}: choose another output")
         n = self.out.count("completed_shard")
         self.completed = set(self.out.group["shard_key"][:n].tolist()) if n else set()
+
+    @property
+    def records_done(self) -> int:
+        """Input records ``[0, records_done)`` are committed (the output is always a prefix of the input)."""
+        return int(self.out.meta.get("input_records_done", self.out.count("record")))
+
+    def append_range(self, start: int, stop: int, rec: dict[str, np.ndarray]) -> int:
+        """Input records ``[start, stop)``, reconstructed, committed after the prefix already there; returns
+        how many were new. A range already committed (a retried commit, or another run that got there
+        first, with any shard size) is skipped or cut to its new part, never stored twice; a gap is an
+        error, never a hole."""
+        done = self.records_done
+        if stop <= done:
+            return 0
+        if start > done:
+            raise StoreError(f"{self.out.url}: records {start}..{stop} would leave a gap after record {done}")
+        rec = _drop_leading_records(rec, done - start)
+        self.out.meta["input_records_done"] = stop
+        self.append(f"{start}-{stop}", rec)
+        return stop - done
 
     def append(self, key: str, rec: dict[str, np.ndarray]) -> None:
         """One shard (arrays as :func:`reconstruction_arrays` gives them), then commit."""
@@ -88,6 +114,16 @@ class ReconstructionWriter:
         self.close()
 
 
+def _drop_leading_records(rec: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+    """The shard without its first ``k`` records (their elements and grid points too)."""
+    if k == 0:
+        return rec
+    e, g = int(rec["row_size"][:k].sum()), int(rec["grid_row_size"][:k].sum())
+    out = {n: rec[n][k:] for n in ("record_id", "row_size", "grid_row_size", "latent")}
+    out |= {n: rec[n][e:] for n in ELEMENT_ARRAYS} | {f"grid_{n}": rec[f"grid_{n}"][g:] for n in GRID_ARRAYS}
+    return out
+
+
 def reconstruction_arrays(r, row_size: np.ndarray) -> dict[str, np.ndarray]:
     """A :class:`perceiver.reconstruction.Reconstruction` as the flat arrays the writer stores (and stages)."""
     return {"record_id": np.asarray(r.record_id, dtype=str), "row_size": np.asarray(row_size, np.int64),
@@ -96,16 +132,29 @@ def reconstruction_arrays(r, row_size: np.ndarray) -> dict[str, np.ndarray]:
             **{f"grid_{k}": v for k, v in r.grid.items()}}
 
 
+def committed_meta(url: str, storage_options: dict | None = None) -> dict:
+    """The last commit's ``percival`` attribute of a reconstruction store (no arrays read); {} where none."""
+    store = _zarr.make_store(url, read_only=True, storage_options=storage_options)
+    try:
+        root = _zarr.get_json(store, "zarr.json")
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    meta = (root or {}).get("attributes", {}).get("percival") or {}
+    return meta if meta.get("format") == FORMAT else {}
+
+
 def open_reconstruction(url: str, storage_options: dict | None = None) -> dict:
     """The committed reconstructions as numpy arrays and a records DataFrame (for notebooks and evaluate)."""
     store = _zarr.make_store(url, read_only=True, storage_options=storage_options)
-    root = _zarr.get_json(store, "zarr.json")
-    if root is None or root.get("attributes", {}).get("percival", {}).get("format") != FORMAT:
+    if _zarr.get_json(store, "zarr.json") is None:
+        raise StoreError(f"{url}: not a Percival reconstruction store (no zarr.json)")
+    g = _zarr.open_group(store, mode="r", consolidated=True)  # meta and shapes from this one read
+    meta = dict(g.attrs.get("percival") or {})
+    if meta.get("format") != FORMAT:
         raise StoreError(f"{url}: not a Percival reconstruction store")
-    g = _zarr.open_group(store, mode="r", consolidated=True)
     records = pd.DataFrame({"record_id": g["record_id"][:].astype(object), "row_size": g["row_size"][:],
                             "grid_row_size": g["grid_row_size"][:]})
-    out = {"meta": root["attributes"]["percival"], "records": records, "latent": g["latent"][:],
+    out = {"meta": meta, "records": records, "latent": g["latent"][:],
            "content_hash": _zarr.content_hash(g)}
     out.update({name: g[name][:] for name in ELEMENT_ARRAYS})
     out.update({f"grid_{name}": g[f"grid_{name}"][:] for name in GRID_ARRAYS})

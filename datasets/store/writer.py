@@ -4,6 +4,12 @@ The commit protocol is :mod:`datasets.store.appendable`'s. On top of it this wri
 layout (:mod:`datasets.store.layout`): channels (new ones are added, a changed unit is an error), record
 labels, the quarantine table, and the ledger of ingested units with their fingerprints, so that re-running
 an ingest skips them and re-ingesting an unchanged archive changes nothing.
+
+The channel statistics are recomputed after the last shard of an ingest. Every append commits
+``statistics_current = False`` and :meth:`StoreWriter.update_statistics` commits ``True``, so a run killed
+between its last shard and its statistics is finished by the next run (whose shards are then all skipped).
+The statistics arrays are rewritten in place just before that commit: a reader opening the store in that
+instant may see the new statistics (of the committed records) before the commit that marks them current.
 """
 
 from __future__ import annotations
@@ -33,6 +39,14 @@ class StoreWriter:
         self.out = AppendableGroup(url, self._new_meta(source, source_path), DIMENSIONS, storage_options, attrs={
             "Conventions": "CF-1.11", "featureType": "timeSeries",
             "title": f"Percival element set: {source.name}", "source": f"{source.name} archive: {source_path}"})
+        try:
+            self._open(source)
+        except BaseException:  # release the lock: a retried attempt in this thread must not wait for it
+            self.out.close()
+            raise
+
+    def _open(self, source) -> None:
+        url = self.url
         self.group, self.meta = self.out.group, self.out.meta
         if self.out.created:
             self._create_arrays()
@@ -40,7 +54,6 @@ class StoreWriter:
             self.out.commit()
         else:
             if self.meta["source"] != source.name:
-                self.out.close()
                 raise StoreError(f"{url} holds source {self.meta['source']!r}, not {source.name!r}")
             self._set_channels(source.channels())
         self.channel_map = self._channel_map(source.channels())
@@ -73,7 +86,15 @@ class StoreWriter:
                                                                         dtype=object)})
         self.known_ids.update(records["record_id"].tolist())
         self.ingested.update((u.name, u.fingerprint) for u in units)
+        # committed with the data: a writer killed before update_statistics leaves a mark the next run sees
+        self.meta["statistics_current"] = False
         self.out.commit()
+
+    @property
+    def statistics_current(self) -> bool:
+        """Whether the channel statistics describe every committed record (False after an append until
+        :meth:`update_statistics`; stores written before this flag existed count as current)."""
+        return bool(self.meta.get("statistics_current", True))
 
     def update_statistics(self) -> pd.DataFrame:
         """Recompute the channel table's normalisation statistics on the train split, and commit."""
@@ -90,6 +111,7 @@ class StoreWriter:
                 data = stats[col].to_numpy()
                 self.group[name][:] = data.astype(object) if dtype is str else data.astype(dtype)
         self.meta["statistics_updated"] = now()
+        self.meta["statistics_current"] = True
         self.out.commit()
         return self.channel_table()
 
