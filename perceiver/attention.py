@@ -236,7 +236,9 @@ def attend_packed_pairs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
         gather = torch.from_numpy(np.where(real, off[recs][:, None] + pos[None, :], 0).ravel()).to(k.device)
         has_keys = torch.from_numpy(lengths[recs] > 0).to(q.device)
         real[:, 0] = True  # a record without keys attends to a dummy key; its output is zeroed below
-        mask = torch.from_numpy(real).to(q.device)[:, None, None, :]
+        # no mask where no key is padding (e.g. a long spectrum alone in its group): SDPA's flash kernel then
+        # runs without materialising queries x keys
+        mask = None if real.all() else torch.from_numpy(real).to(q.device)[:, None, None, :]
         qg = _rows(q, group).transpose(1, 2)  # (g, H, len, dk)
         kg, vg = (_padded_keys(x, gather, len(recs), length) for x in (k, v))
         o = sdpa(qg, kg, vg, attn_mask=mask) * has_keys[:, None, None, None].to(v.dtype)
