@@ -472,7 +472,8 @@ def report_markdown(results: list[ProtocolResult], store: str = "", checkpoint: 
     if store or checkpoint:
         out += [f"Store `{store}`, checkpoint `{checkpoint}`.", ""]
     out += ["All numbers are in normalised units, z = (T(v) − location) / scale with the channel table's "
-            "train-split robust statistics, so 1 = one train-split spread of the channel. NLL and coverage use "
+            "train-split statistics (location the median, scale the standard deviation after clipping to the "
+            "0.1–99.9 % quantiles), so 1 ≈ one train-split standard deviation of the channel. NLL and coverage use "
             "N(μ, σ² + e²) with e the normalised measurement error (unknown = 0); a calibrated predictor covers "
             "0.683 and 0.954. `MSE / lin. interp.` is each method's MSE divided by linear interpolation's.", ""]
     for r in results:
