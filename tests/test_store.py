@@ -82,6 +82,29 @@ def test_split_is_stable_when_records_are_added(tmp_path, samples):
     assert len(both) == 300 and (both.loc[first.index] == first).all()
 
 
+def test_a_reader_keeps_the_file_versions_it_opened_while_a_writer_rewrites_them(tmp_path, samples):
+    """Appends rewrite partly filled shard files (atomically, by rename). A reader reads a shard in two steps
+    (its index, then a chunk), so it must keep reading the version it opened, not pair two versions."""
+    zips = sorted((samples / "physionet2019").glob("*.zip"))
+    store = str(tmp_path / "s.zarr")
+    ingest("physionet2019", str(zips[0]), store)
+    reader = open_store(store)
+    before = reader.read()
+    shard = next(p for p in (tmp_path / "s.zarr" / "value").rglob("*") if p.is_file())
+    inode = shard.stat().st_ino
+    ingest("physionet2019", str(zips[1]), store)  # appends into the same shard files: they are replaced
+    assert shard.stat().st_ino != inode
+    # the next rewrite lands between the reader's index read and its chunk read: any bytes the old index does
+    # not describe (here: garbage, put in place by rename as a writer does)
+    for f in [p for p in (tmp_path / "s.zarr").rglob("*") if p.is_file() and p.name != "zarr.json"]:
+        (f.parent / "garbage").write_bytes(os.urandom(f.stat().st_size))
+        os.replace(f.parent / "garbage", f)
+    again = reader.read()  # the versions it opened: same records, same values, no decode error
+    assert again.n_records == before.n_records
+    np.testing.assert_array_equal(again.value, before.value)
+    np.testing.assert_array_equal(again.time, before.time)
+
+
 def test_second_writer_is_refused_while_one_holds_the_store(tmp_path):
     src = get_source("physionet2019")
     path = str(tmp_path / "x.zarr")

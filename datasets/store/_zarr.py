@@ -2,12 +2,76 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import threading
+from collections.abc import Iterable
 
 import zarr
-from zarr.core.buffer import default_buffer_prototype
+from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
+
+
+class SnapshotLocalStore(LocalStore):
+    """A read-only local store that reads every file through one open handle for the store's lifetime.
+
+    Writers replace files atomically (a temporary file, then a rename), but a sharded array is read in two
+    steps -- the shard's index, then the chunk's bytes -- and an append that rewrites the shard between them
+    would pair one version's index with the other's bytes (a reader racing an ingest saw "Zstd decompression
+    error"). A held handle pins the version first read (POSIX keeps a replaced file's data while it is open);
+    rows below the committed counts are the same in every version, so the pinned one is always right.
+    """
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root, read_only=True)
+        self._files: dict[str, object] = {}
+        self._files_lock = threading.Lock()
+
+    def _read(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None) -> Buffer:
+        with self._files_lock:
+            f = self._files.get(key)
+            if f is None:
+                f = self._files[key] = open(self.root / key, "rb")  # noqa: SIM115 - held for the snapshot
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        if byte_range is None:
+            start, stop = 0, size
+        elif isinstance(byte_range, RangeByteRequest):
+            start, stop = byte_range.start, byte_range.end
+        elif isinstance(byte_range, OffsetByteRequest):
+            start, stop = byte_range.offset, size
+        elif isinstance(byte_range, SuffixByteRequest):
+            start, stop = max(0, size - byte_range.suffix), size
+        else:
+            raise TypeError(f"unexpected byte range {byte_range!r}")
+        return prototype.buffer.from_bytes(os.pread(fd, max(stop - start, 0), start))
+
+    async def get(self, key: str, prototype: BufferPrototype | None = None,
+                  byte_range: ByteRequest | None = None) -> Buffer | None:
+        if not self._is_open:
+            await self._open()
+        try:
+            return await asyncio.to_thread(self._read, key, prototype or default_buffer_prototype(), byte_range)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+
+    async def get_partial_values(self, prototype: BufferPrototype,
+                                 key_ranges: Iterable[tuple[str, ByteRequest | None]]) -> list[Buffer | None]:
+        return list(await asyncio.gather(*(self.get(k, prototype, r) for k, r in key_ranges)))
+
+    def close(self) -> None:
+        with self._files_lock:
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
+        super().close()
+
+    def __del__(self) -> None:
+        for f in getattr(self, "_files", {}).values():
+            f.close()
 
 
 def make_store(url: str, read_only: bool, storage_options: dict | None = None):
@@ -15,7 +79,7 @@ def make_store(url: str, read_only: bool, storage_options: dict | None = None):
     if "://" in url and not url.startswith("file://"):
         return FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)
     path = url.removeprefix("file://")
-    return LocalStore(path, read_only=read_only)
+    return SnapshotLocalStore(path) if read_only else LocalStore(path, read_only=False)
 
 
 def get_json(store, key: str) -> dict | None:
