@@ -52,6 +52,19 @@ def write_zip(path: Path, members: dict[str, bytes]) -> Path:
 
 
 # -- ZTF BTS ----------------------------------------------------------------------------------------------
+def ztf_bad_values(lines: list[bytes]) -> list[bytes]:
+    """Lines 20..25 (1-based) of the ZTF sample: nan, inf, text, zero error, negative error, unknown filter."""
+    header = (SAMPLES / "ztf_bts" / "ZTF20acvmzfv_bl.csv").read_text().split("\n")[18].split(",")
+    amp, err, flt = header.index("ampl_corr"), header.index("ampl_err_corr"), header.index("filter")
+    lines[19] = set_field(lines[19], amp, "nan")
+    lines[20] = set_field(lines[20], amp, "inf")
+    lines[21] = set_field(lines[21], amp, "abc")
+    lines[22] = set_field(lines[22], err, "0")
+    lines[23] = set_field(lines[23], err, "-1.5")
+    lines[24] = set_field(lines[24], flt, "ZTF_x")
+    return lines
+
+
 def ztf_variant(folder: Path, tag: str, edit) -> str:
     """A copy of a sample ZTF file with its own object name, edited line by line (``edit(lines) -> lines``)."""
     lines = (SAMPLES / "ztf_bts" / "ZTF20acvmzfv_bl.csv").read_bytes().split(b"\n")
@@ -175,23 +188,11 @@ def build_corpus(root: Path) -> Corpus:
     # ZTF BTS: a good copy and edited copies (as tests/test_sources_astro.py builds them).
     d = folders["ztf_bts"] = root / "ztf_bts"
     d.mkdir()
-    header = (SAMPLES / "ztf_bts" / "ZTF20acvmzfv_bl.csv").read_text().split("\n")[18].split(",")
-    amp, err, flt = header.index("ampl_corr"), header.index("ampl_err_corr"), header.index("filter")
-
-    def values(lines: list[bytes]) -> list[bytes]:
-        lines[19] = set_field(lines[19], amp, "nan")
-        lines[20] = set_field(lines[20], amp, "inf")
-        lines[21] = set_field(lines[21], amp, "abc")
-        lines[22] = set_field(lines[22], err, "0")
-        lines[23] = set_field(lines[23], err, "-1.5")
-        lines[24] = set_field(lines[24], flt, "ZTF_x")
-        return lines
-
     ztf_variant(d, "good", lambda lines: lines)
     trunc = ztf_variant(d, "trunc", lambda lines: [*lines[:-2], lines[-2][:40]])
     delim = ztf_variant(d, "delim", lambda lines: [x.replace(b",", b";") for x in lines])
     latin = ztf_variant(d, "latin", lambda lines: [*lines[:29], lines[29] + b"\xff\xfe", *lines[30:]])
-    vals = ztf_variant(d, "values", values)
+    vals = ztf_variant(d, "values", ztf_bad_values)
     zt = "ztf_bts"
     cases += [
         Case("truncated last line", zt, trunc, "malformed line"),

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from astropy.io import fits
 from astropy.table import Table
-from corpus import set_field, ztf_variant
+from corpus import ztf_bad_values, ztf_variant
 
 import datasets
 from datasets.schema import validate
@@ -113,25 +113,13 @@ def test_ztf_both_filter_spellings_map_to_one_channel():
 
 
 def test_ztf_bad_input_is_quarantined_and_other_files_come_through(tmp_path):
-    header = (SAMPLES / "ztf_bts" / "ZTF20acvmzfv_bl.csv").read_text().split("\n")[18].split(",")
-    amp, err, flt = header.index("ampl_corr"), header.index("ampl_err_corr"), header.index("filter")
-
-    def values(lines):  # lines 20..25 (1-based): nan, inf, text, zero error, negative error, unknown filter
-        lines[19] = set_field(lines[19], amp, "nan")
-        lines[20] = set_field(lines[20], amp, "inf")
-        lines[21] = set_field(lines[21], amp, "abc")
-        lines[22] = set_field(lines[22], err, "0")
-        lines[23] = set_field(lines[23], err, "-1.5")
-        lines[24] = set_field(lines[24], flt, "ZTF_x")
-        return lines
-
     files = {
         "good": ztf_variant(tmp_path, "good", lambda lines: lines),
         "truncated": ztf_variant(tmp_path, "trunc", lambda lines: [*lines[:-2], lines[-2][:40]]),
         "delimiter": ztf_variant(tmp_path, "delim", lambda lines: [x.replace(b",", b";") for x in lines]),
         "utf8": ztf_variant(tmp_path, "latin",
                              lambda lines: [*lines[:29], lines[29] + b"\xff\xfe", *lines[30:]]),
-        "values": ztf_variant(tmp_path, "values", values),
+        "values": ztf_variant(tmp_path, "values", ztf_bad_values),
     }
     (tmp_path / "ZTFempty_bl.csv").write_bytes(b"")
     src = get_source("ztf_bts")
