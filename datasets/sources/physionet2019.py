@@ -139,6 +139,11 @@ class _Zip:
         self.raw = open(path, "rb")  # noqa: SIM115 - lives as long as the cached index
         self.lock = threading.Lock()
 
+    def __del__(self) -> None:  # dropped from the cache (or at exit): close both handles, quietly
+        for handle in (getattr(self, "raw", None), getattr(self, "index", None)):
+            if handle is not None:
+                handle.close()
+
     def read(self, member: str) -> bytes:
         info = self.index.getinfo(member)
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or info.flag_bits & 0x1:
