@@ -443,7 +443,7 @@ def untrusted_files(work: Path, checkpoint_dir: str) -> Row:
     from perceiver.config import RunConfig
 
     row = Row("untrusted files: pickle payloads as weights / training state / staged shard, code in config",
-              note="payload never ran; pickles refused; a code string in a config field stays inert text")
+              note="payload never ran; pickles refused; code in a numeric config field refused (wrong type)")
     marker = work / "PAYLOAD_RAN"
     evil = pickle.dumps(_Payload(str(marker)))
     trials = []
@@ -473,7 +473,7 @@ def untrusted_files(work: Path, checkpoint_dir: str) -> Row:
             refused = False
         except Exception:  # noqa: BLE001 - any clear refusal counts; the marker says whether code ran
             refused = True
-        # a config field holding code is inert text (JSON is never evaluated); files are refused outright
+        # a config field holding code is refused (wrong type) or inert text (JSON is never evaluated)
         row.check((refused or what.startswith("config.json with code")) and not marker.exists(),
                   f"{what}: refused={refused} payload ran={marker.exists()}")
     return row

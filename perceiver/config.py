@@ -173,8 +173,17 @@ def _build(cls: type, data: dict):
             v = _build(hint, v)
         elif typing.get_origin(hint) is tuple and isinstance(v, list):
             v = tuple(v)
+        elif hint in (int, float, str, bool) and not _fits(v, hint):
+            raise ValueError(f"{cls.__name__}.{k} must be {hint.__name__}, got {v!r}")
         kwargs[k] = v
     return cls(**kwargs)
+
+
+def _fits(value, kind: type) -> bool:
+    """JSON's view of a scalar field: an int is a float too; a bool is not a number."""
+    if kind is bool or isinstance(value, bool):
+        return isinstance(value, bool) and kind is bool
+    return isinstance(value, int | float) if kind is float else isinstance(value, kind)
 
 
 def _positive_gaps(values: np.ndarray, seg: np.ndarray) -> np.ndarray:

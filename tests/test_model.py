@@ -297,3 +297,16 @@ def test_empty_records_and_subset_offsets():
     assert out.shape == (4, 2, 4, 8) and (out[[1, 3]] == 0).all()
     alone = attend_packed_keys(q, kv[3:5], plan_varlen(torch.tensor([0, 2])))
     torch.testing.assert_close(out[2], alone[0])
+
+
+def test_config_fields_are_type_checked():
+    data = RunConfig().to_dict()
+    data["train"]["steps"] = "__import__('os').system('true')"
+    with pytest.raises(ValueError, match="TrainConfig.steps must be int"):
+        RunConfig.from_dict(data)
+    data = RunConfig().to_dict()
+    data["train"]["lr"], data["model"]["share_weights"] = 1, True  # an int is a float in JSON
+    assert RunConfig.from_dict(data).train.lr == 1
+    data["model"]["share_weights"] = 1
+    with pytest.raises(ValueError, match="ModelConfig.share_weights must be bool"):
+        RunConfig.from_dict(data)
