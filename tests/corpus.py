@@ -52,6 +52,22 @@ def write_zip(path: Path, members: dict[str, bytes]) -> Path:
 
 
 # -- ZTF BTS ----------------------------------------------------------------------------------------------
+def write_desi_files(folder: Path) -> None:
+    """The DESI sample as ``coadd-good.fits`` beside corrupt, truncated and empty copies and copies missing the
+    FIBERMAP HDU (``coadd-nofibermap.fits``) or one arm's flux (``coadd-noarm.fits``)."""
+    from astropy.io import fits
+
+    desi = SAMPLES / "desi" / "coadd-sv3-dark-26065.fits"
+    data = desi.read_bytes()
+    shutil.copy(desi, folder / "coadd-good.fits")
+    (folder / "coadd-corrupt.fits").write_bytes(data[:5000])
+    (folder / "coadd-truncated.fits").write_bytes(data[: len(data) // 3])
+    (folder / "coadd-empty.fits").write_bytes(b"")
+    with fits.open(desi) as hdus:
+        fits.HDUList([h for h in hdus if h.name != "FIBERMAP"]).writeto(folder / "coadd-nofibermap.fits")
+        fits.HDUList([h for h in hdus if h.name != "R_FLUX"]).writeto(folder / "coadd-noarm.fits")
+
+
 def ztf_bad_values(lines: list[bytes]) -> list[bytes]:
     """Lines 20..25 (1-based) of the ZTF sample: nan, inf, text, zero error, negative error, unknown filter."""
     header = (SAMPLES / "ztf_bts" / "ZTF20acvmzfv_bl.csv").read_text().split("\n")[18].split(",")
@@ -226,19 +242,10 @@ def build_corpus(root: Path) -> Corpus:
     good[mc] = ["2.4907.2086"]
 
     # DESI: a good coadd; corrupt, truncated, empty files; files missing an HDU.
-    from astropy.io import fits
 
     d = folders["desi"] = root / "desi"
     d.mkdir()
-    desi = SAMPLES / "desi" / "coadd-sv3-dark-26065.fits"
-    data = desi.read_bytes()
-    shutil.copy(desi, d / "coadd-good.fits")
-    (d / "coadd-corrupt.fits").write_bytes(data[:5000])
-    (d / "coadd-truncated.fits").write_bytes(data[: len(data) // 3])
-    (d / "coadd-empty.fits").write_bytes(b"")
-    with fits.open(desi) as hdus:
-        fits.HDUList([h for h in hdus if h.name != "FIBERMAP"]).writeto(d / "coadd-nofibermap.fits")
-        fits.HDUList([h for h in hdus if h.name != "R_FLUX"]).writeto(d / "coadd-noarm.fits")
+    write_desi_files(d)
     de = "desi"
     cases += [
         Case("corrupt FITS", de, "coadd-corrupt.fits", "Empty or corrupt FITS file"),

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 
@@ -218,7 +217,7 @@ def physionet_run(tmp_path_factory, samples):
 
 def test_evaluate_flow_end_to_end(physionet_run):
     from matplotlib.image import imread
-    from prefect.client.orchestration import get_client
+    from prefect_runs import flow_run_record
 
     from datasets.store import open_store
     from pipelines.evaluate import evaluate_flow
@@ -265,19 +264,10 @@ def test_evaluate_flow_end_to_end(physionet_run):
         img = imread(p)
         assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200 and img.std() > 0
 
-    async def artifacts():
-        async with get_client() as client:
-            run = await client.read_flow_run(state.state_details.flow_run_id)
-            tasks = await client.read_task_runs()
-            arts = await client.read_artifacts()
-            return run, tasks, arts
-
-    run, tasks, arts = asyncio.run(artifacts())
+    run, names, mine = flow_run_record(state.state_details.flow_run_id)
     assert run.state.is_completed()
-    names = {t.name for t in tasks if t.flow_run_id == run.id}
     assert {"plan", "channel-means", "evaluate-holdout", "evaluate-modality:labs", "plots-holdout",
             "report"} <= names
-    mine = [a for a in arts if a.flow_run_id == run.id]
     assert {a.type for a in mine} >= {"markdown", "table", "image"}
     assert {a.key for a in mine} >= {"evaluation-report", "evaluation-summary", "evaluation-holdout-calibration",
                                      "evaluation-modality-labs-records"}

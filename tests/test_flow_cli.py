@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from prefect.client.orchestration import get_client
+from prefect_runs import flow_run_record, flow_runs_with
 
 from datasets.ingest import ingest
 from datasets.store import open_store
@@ -24,20 +24,9 @@ def test_ingest_flow_matches_the_plain_api_and_publishes_a_report(tmp_path, samp
     ingest("physionet2019", src, api_store, shard_size=64)
     assert open_store(flow_store).content_hash() == open_store(api_store).content_hash()
 
-    async def artifacts():
-        async with get_client() as client:
-            run = await client.read_flow_run(state.state_details.flow_run_id)
-            tasks = await client.read_task_runs()
-            arts = await client.read_artifacts()
-            return run, tasks, arts
-
-    import asyncio
-
-    run, tasks, arts = asyncio.run(artifacts())
+    run, names, mine = flow_run_record(state.state_details.flow_run_id)
     assert run.state.is_completed()
-    names = {t.name for t in tasks if t.flow_run_id == run.id}
     assert names == {"ingest-physionet2019"}  # one coarse task: no per-shard round trips to the API
-    mine = [a for a in arts if a.flow_run_id == run.id]
     assert {a.type for a in mine} >= {"markdown", "table", "progress"}
     md = next(a for a in mine if a.type == "markdown").data
     assert "Read = stored + quarantined for every source file: **True**" in md
@@ -77,11 +66,6 @@ def test_cli_ingest_runs_the_flow_on_a_temporary_api_started_first(tmp_path, sam
     assert summary["records_stored"] == 300 and summary["reconciles"]
     assert "Error logging to API" not in out and "Traceback" not in out
 
-    async def runs():  # the temporary server wrote to the same Prefect database the test's API reads
-        async with get_client() as client:
-            return [r for r in await client.read_flow_runs() if r.parameters.get("store") == str(tmp_path / "p.zarr")]
-
-    import asyncio
-
-    (run,) = asyncio.run(runs())
+    # the temporary server wrote to the same Prefect database the test's API reads
+    (run,) = flow_runs_with("store", str(tmp_path / "p.zarr"))
     assert run.state.is_completed()

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from astropy.io import fits
 from astropy.table import Table
-from corpus import ztf_bad_values, ztf_variant
+from corpus import write_desi_files, ztf_bad_values, ztf_variant
 
 import datasets
 from datasets.schema import validate
@@ -251,15 +251,7 @@ def test_desi_sample_counts_sky_fibres_and_masked_pixels():
 
 
 def test_desi_bad_files(tmp_path):
-    good = tmp_path / "coadd-good.fits"
-    shutil.copy(DESI_SAMPLE, good)
-    data = DESI_SAMPLE.read_bytes()
-    (tmp_path / "coadd-corrupt.fits").write_bytes(data[:5000])
-    (tmp_path / "coadd-truncated.fits").write_bytes(data[: len(data) // 3])
-    (tmp_path / "coadd-empty.fits").write_bytes(b"")
-    with fits.open(DESI_SAMPLE) as hdus:
-        fits.HDUList([h for h in hdus if h.name != "FIBERMAP"]).writeto(tmp_path / "coadd-nofibermap.fits")
-        fits.HDUList([h for h in hdus if h.name != "R_FLUX"]).writeto(tmp_path / "coadd-noarm.fits")
+    write_desi_files(tmp_path)
     src = get_source("desi")
     raw = src.read(src.discover(str(tmp_path)))
 
