@@ -12,13 +12,18 @@ For spectra (a channel a record observed at one time over many wavelengths) "tim
 fill and interpolation run along ``coord`` when it is given (:func:`along_axis`).
 
 Where a record has no visible element of the target's channel (or the target is static, time NaN), the
-time-based baselines fall back to the channel mean. Everything is vectorised with one sort and two
-``searchsorted`` calls; no per-record Python loop.
+time-based baselines fall back to the channel mean. The neighbours come from
+:func:`perceiver.neighbours.same_channel_neighbours` (the one implementation the model's decoder features use
+too): vectorised, no per-record Python loop.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from perceiver.model import subset_offsets
+from perceiver.neighbours import same_channel_neighbours
 
 
 def channel_means(channel: np.ndarray, value: np.ndarray, n_channels: int) -> np.ndarray:
@@ -57,37 +62,19 @@ def along_axis(offsets: np.ndarray, time: np.ndarray, channel: np.ndarray, coord
 
 
 def _neighbours(offsets, time, channel, visible, target):
-    """For each target: value index of the previous and next visible element of the same record and channel
-    (-1 if none), by sorting visible elements on a (record, channel, time) key."""
-    n_rec = len(offsets) - 1
-    record = np.repeat(np.arange(n_rec), np.diff(offsets))
-    n_ch = int(channel.max(initial=0)) + 1
-    group = record.astype(np.int64) * n_ch + channel
-    t = np.where(np.isfinite(time), time, np.nan)
-    lo, hi = np.nanmin(t, initial=np.inf), np.nanmax(t, initial=-np.inf)
-    span = (hi - lo) if hi > lo else 1.0
-    # key = group + time scaled into [0, 1): sorting by it sorts by (record, channel, time).
-    key = group + (np.nan_to_num(t, nan=lo) - lo) / (span * (1 + 1e-9))
-    usable = visible & np.isfinite(t)
-    vis_idx = np.flatnonzero(usable)
-    order = np.argsort(key[vis_idx], kind="stable")
-    vis_idx, vis_key, vis_group = vis_idx[order], key[vis_idx][order], group[vis_idx][order]
-    tgt = np.flatnonzero(target)
-    pos = np.searchsorted(vis_key, key[tgt], side="right")
-    prev = np.full(len(tgt), -1)
-    nxt = np.full(len(tgt), -1)
-    has_prev = pos > 0
-    p = np.clip(pos - 1, 0, max(len(vis_idx) - 1, 0))
-    ok = has_prev & (len(vis_idx) > 0)
-    ok[ok] = vis_group[p[ok]] == group[tgt[ok]]
-    prev[ok] = vis_idx[p[ok]]
-    q = np.clip(pos, 0, max(len(vis_idx) - 1, 0))
-    ok = (pos < len(vis_idx)) & (len(vis_idx) > 0)
-    ok[ok] = vis_group[q[ok]] == group[tgt[ok]]
-    nxt[ok] = vis_idx[q[ok]]
-    static = ~np.isfinite(t[tgt])
-    prev[static], nxt[static] = -1, -1
-    return tgt, prev, nxt
+    """For each target (packed index ``tgt``): packed index of the previous and next visible element of the
+    same record and channel along ``time`` (-1 if none; :func:`perceiver.neighbours.same_channel_neighbours`)."""
+    offsets = np.asarray(offsets, np.int64)
+    visible = np.asarray(visible, bool) & np.isfinite(time)
+    target = np.asarray(target, bool)
+    tgt, vis = np.flatnonzero(target), np.flatnonzero(visible)
+    t = torch.from_numpy(np.asarray(time, np.float64))
+    c = torch.from_numpy(np.asarray(channel, np.int64))
+    off = torch.from_numpy(offsets)
+    prev, nxt = same_channel_neighbours(subset_offsets(off, torch.from_numpy(visible)), c[vis], [t[vis]],
+                                        subset_offsets(off, torch.from_numpy(target)), c[tgt], [t[tgt]])
+    vis = np.append(vis, -1)  # index -1 (no neighbour) maps to -1
+    return tgt, vis[prev.numpy()], vis[nxt.numpy()]
 
 
 def forward_fill(offsets, time, channel, value, visible, target, means: np.ndarray, coord=None) -> np.ndarray:

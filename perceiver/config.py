@@ -60,6 +60,9 @@ class ModelConfig:
     #: decoder: queries also attend to their record's visible element tokens (local evidence beside the
     #: latents' summary, e.g. the same hour's other vitals); heads of that attention, 0 = latents only
     decoder_element_heads: int = 4
+    #: decoder: queries also carry their channel's previous / next visible values in the record and the gaps
+    #: to them (the interpolation baselines' evidence, :mod:`perceiver.neighbours`)
+    decoder_neighbours: bool = True
     #: Fourier features: number of frequencies and the shortest / longest period (data units)
     n_time_freqs: int = 16
     time_min_period: float = 1.0
@@ -90,7 +93,8 @@ class ModelConfig:
             "small": {},
             "bench": dict(d_input=64, n_latents=256, d_latent=256, n_layers=6, n_heads=8, mlp_ratio=4.0,
                           cross_heads=1, cross_head_dim=64, cross_mlp_ratio=1.0, d_query=128, decoder_heads=1,
-                          decoder_head_dim=64, decoder_mlp_ratio=2.0, decoder_element_heads=0),
+                          decoder_head_dim=64, decoder_mlp_ratio=2.0, decoder_element_heads=0,
+                          decoder_neighbours=False),
         }
         if name not in sizes:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(sizes)}")
@@ -112,6 +116,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
+    #: beta-NLL exponent: each element's NLL is weighted by its (detached) predictive variance ** nll_beta;
+    #: 0 = plain NLL
+    nll_beta: float = 0.0
     #: token budget per batch (elements + record_cost per record), cap on records per batch, crop length
     batch_tokens: int = 4096
     max_records: int = 64

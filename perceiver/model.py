@@ -7,9 +7,10 @@ Reading order (top to bottom of :meth:`Percival.forward`):
 2. the learned latent array cross-attends to each record's tokens (one SDPA call per group of records of
    similar length, no compute on padding beyond a bounded slack -- :mod:`perceiver.attention`);
 3. a stack of latent self-attention blocks refines the latents (B, L, D);
-4. every *target* element becomes a query from its position alone (never its value) and cross-attends to its
-   record's latents, then (``decoder_element_heads`` > 0) to its record's visible element tokens with a
-   learned relative-position kernel (:mod:`perceiver.element_attention`) -- the latents carry the record's
+4. every *target* element becomes a query from its position (never its value) plus what the interpolation
+   baselines know about it -- its channel's previous and next *visible* values in the record and the gaps to
+   them (:mod:`perceiver.neighbours`) -- and cross-attends to its record's latents, then
+   (``decoder_element_heads`` > 0) to its record's visible element tokens with a learned relative-position kernel (:mod:`perceiver.element_attention`) -- the latents carry the record's
    summary, the elements the local evidence (the same channel an hour earlier, the same hour's other vitals,
    the neighbouring pixels); a head returns the mean and log-sigma of the normalised value.
 
@@ -30,18 +31,21 @@ from perceiver.attention import CrossAttentionBlock, SelfAttentionBlock, plan_va
 from perceiver.config import ModelConfig
 from perceiver.element_attention import ElementAttention
 from perceiver.encodings import ElementEncoding
+from perceiver.neighbours import NeighbourFeatures
 
 
 @dataclass
 class Encoded:
     """What the decoder reads about a batch: the ``latents`` (B, L, D) and the visible element ``tokens``
-    (packed, N x d_input) with their positions (``time``, ``channel``, ``coord``) and ``offsets`` (B+1, CPU)."""
+    (packed, N x d_input) with their positions (``time``, ``channel``, ``coord``), normalised ``value`` and
+    ``offsets`` (B+1, CPU)."""
 
     latents: torch.Tensor
     tokens: torch.Tensor
     time: torch.Tensor
     channel: torch.Tensor
     coord: torch.Tensor
+    value: torch.Tensor
     offsets: torch.Tensor
 
 
@@ -80,6 +84,8 @@ class Percival(nn.Module):
         self.blocks = nn.ModuleList(SelfAttentionBlock(c.d_latent, c.n_heads, c.mlp_ratio)
                                     for _ in range(n_blocks))
         self.query_proj = nn.Linear(c.d_input, c.d_query)
+        self.neighbours = (NeighbourFeatures(c.d_query, c.time_min_period, c.coord_min_period)
+                           if c.decoder_neighbours else None)
         head_dim = c.decoder_head_dim or c.d_query // c.decoder_heads
         self.decoder = CrossAttentionBlock(c.d_query, c.d_latent, c.decoder_heads, head_dim,
                                            c.decoder_mlp_ratio)
@@ -96,7 +102,7 @@ class Percival(nn.Module):
         x = self.encoder.latents_to_elements(self.latents, tokens, plan)
         for i in range(self.config.n_layers):
             x = self.blocks[0 if self.config.share_weights else i](x)
-        return Encoded(x, tokens, time, channel, coord, offsets)
+        return Encoded(x, tokens, time, channel, coord, value, offsets)
 
     def decode(self, encoded: Encoded, time: torch.Tensor, channel: torch.Tensor, coord: torch.Tensor,
                offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,6 +111,9 @@ class Percival(nn.Module):
         A query's modality is its channel's (from the channel table); it carries no value.
         """
         q = self.query_proj(self.encoding(time, channel, coord))
+        if self.neighbours is not None:
+            q = q + self.neighbours(time, channel, coord, offsets, encoded.time, encoded.channel, encoded.coord,
+                                    encoded.value, encoded.offsets)
         plan = plan_varlen(offsets, self.config.varlen).to(q.device)
         h = self.decoder.queries_to_latents(q, encoded.latents, plan)
         if self.element_decoder is not None:

@@ -43,10 +43,16 @@ def targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return batch.value[t], batch.error[t], batch.channel[t]
 
 
-def loss(output: ModelOutput, batch: Batch) -> torch.Tensor:
-    """Mean NLL over the target elements of the batch."""
+def loss(output: ModelOutput, batch: Batch, beta: float = 0.0) -> torch.Tensor:
+    """Mean NLL over the target elements of the batch, each weighted by its predictive variance to the power
+    ``beta`` (not differentiated through): beta-NLL, Seitzer et al. 2022. With beta = 0 this is the plain NLL,
+    which lets the model shrug off hard elements by raising their sigma and so trades away MSE; beta = 0.5
+    restores part of the squared error's weight on them while sigma stays a calibrated likelihood fit."""
     value, error, _ = targets(batch)
-    return gaussian_nll(output.mean, output.log_sigma, value, error).mean()
+    nll = gaussian_nll(output.mean, output.log_sigma, value, error)
+    if beta:
+        nll = nll * predictive_variance(output.log_sigma, error).detach() ** beta
+    return nll.mean()
 
 
 class Metrics:

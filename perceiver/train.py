@@ -277,7 +277,7 @@ class Trainer:
         self.ddp.train()
         with autocast(self.dist.device, self.dtype):
             output = self.ddp(batch)
-        loss = nll_loss(output, batch)
+        loss = nll_loss(output, batch, self.config.train.nll_beta)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)

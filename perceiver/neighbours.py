@@ -1,0 +1,117 @@
+"""Same-channel neighbours: for each query, the nearest element of the same record and channel before it and
+after it along an axis (time, or wavelength for a spectrum).
+
+One implementation serves the interpolation baselines (:mod:`perceiver.baselines`) and the decoder's
+neighbour features (:class:`NeighbourFeatures`, what the baselines see, given to the model's queries).
+
+Keys and queries are packed records with their own offsets. Both are merged and sorted once,
+lexicographically on (record, channel, axes...), keys before queries on ties; the previous key of a query is
+then a running maximum of key positions, the next key a reversed running minimum. No per-record loop and no
+host round trip: it runs where its tensors are.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def segment_ids(offsets: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Record index of each packed element, from ``offsets`` (B+1, CPU)."""
+    counts = torch.diff(offsets.to(torch.int64))
+    n = int(offsets[-1])
+    return torch.repeat_interleave(torch.arange(len(counts), device=device), counts.to(device), output_size=n)
+
+
+def same_channel_neighbours(key_offsets: torch.Tensor, key_channel: torch.Tensor, key_axes: list[torch.Tensor],
+                            query_offsets: torch.Tensor, query_channel: torch.Tensor,
+                            query_axes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index (into the keys) of each query's previous and next key of the same record and channel, -1 if
+    none. ``*_axes`` are sort keys, most significant first (e.g. ``[time, coord]``: along time, and along
+    wavelength among elements of one time); NaN sorts last. The previous key is at or before the query (an
+    equal key counts as previous), the next key strictly after. A query whose first axis is not finite (a
+    static element) has no neighbours."""
+    device = key_channel.device
+    nk, nq = len(key_channel), len(query_channel)
+    n_ch = int(max(int(key_channel.max()) if nk else 0, int(query_channel.max()) if nq else 0)) + 1
+    record = torch.cat([segment_ids(key_offsets, device), segment_ids(query_offsets, device)])
+    group = record * n_ch + torch.cat([key_channel, query_channel]).to(torch.int64)
+    # Stable sorts from the least significant key up; keys precede queries in the concatenation, so they
+    # stay first among equals.
+    order = torch.arange(nk + nq, device=device)
+    for k, q in reversed(list(zip(key_axes, query_axes, strict=True))):
+        axis = torch.cat([k.to(torch.float64), q.to(torch.float64)])
+        axis = torch.nan_to_num(axis, nan=math.inf)
+        order = order[torch.sort(axis[order], stable=True).indices]
+    order = order[torch.sort(group[order], stable=True).indices]
+    is_key = order < nk
+    pos = torch.arange(nk + nq, device=device)
+    last = torch.where(is_key, pos, -1).cummax(0).values
+    first = torch.where(is_key, pos, nk + nq).flip(0).cummin(0).values.flip(0)
+    g = group[order]
+    qpos = torch.nonzero(~is_key).squeeze(1)
+    qidx = order[qpos] - nk
+
+    def pick(p: torch.Tensor) -> torch.Tensor:
+        ok = (p >= 0) & (p < nk + nq)
+        pc = p.clamp(0, nk + nq - 1)
+        ok &= g[pc] == g[qpos]
+        return torch.where(ok, order[pc], -1)
+
+    prev = torch.full((nq,), -1, dtype=torch.int64, device=device)
+    nxt = torch.full((nq,), -1, dtype=torch.int64, device=device)
+    prev[qidx] = pick(last[qpos])
+    nxt[qidx] = pick(first[qpos])
+    static = ~torch.isfinite(query_axes[0])
+    return prev.masked_fill(static, -1), nxt.masked_fill(static, -1)
+
+
+class NeighbourFeatures(nn.Module):
+    """What the interpolation baselines know about a query, as a vector of width ``d_out``: its channel's
+    previous and next visible values in the record, their linear interpolation, whether each exists, and the
+    distances to them in time (log, in units of the shortest Fourier period) and in coord.
+
+    Added to the decoder queries, this gives the model the baselines' evidence directly (a same-channel
+    neighbour an hour away is the strongest single clue in an ICU record); the latents and the element
+    attention then add what the baselines cannot see: the other channels and the record as a whole. It uses
+    only visible elements, exactly as the baselines do.
+    """
+
+    N_FEATURES = 9
+
+    def __init__(self, d_out: int, time_scale: float, coord_scale: float):
+        super().__init__()
+        self.time_scale, self.coord_scale = float(time_scale), float(coord_scale)
+        self.proj = nn.Linear(self.N_FEATURES, d_out)
+
+    def forward(self, time: torch.Tensor, channel: torch.Tensor, coord: torch.Tensor, offsets: torch.Tensor,
+                key_time: torch.Tensor, key_channel: torch.Tensor, key_coord: torch.Tensor,
+                key_value: torch.Tensor, key_offsets: torch.Tensor) -> torch.Tensor:
+        if len(key_value) == 0:  # nothing visible: every query has no neighbour
+            return self.proj(torch.zeros(len(time), self.N_FEATURES, device=time.device,
+                                         dtype=self.proj.weight.dtype))
+        prev, nxt = same_channel_neighbours(key_offsets, key_channel, [key_time, key_coord], offsets, channel,
+                                            [time, coord])
+        has_p, has_n = prev >= 0, nxt >= 0
+        p, n = prev.clamp(min=0), nxt.clamp(min=0)
+        zero = torch.zeros((), device=time.device)
+        value = torch.nan_to_num(key_value.float())
+        v_p, v_n = torch.where(has_p, value[p], zero), torch.where(has_n, value[n], zero)
+
+        def gap(query: torch.Tensor, key: torch.Tensor, i: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+            return torch.where(has, torch.nan_to_num((query.float() - key.float()[i]).abs()), zero)
+
+        dt_p, dt_n = gap(time, key_time, p, has_p), gap(time, key_time, n, has_n)
+        dc_p, dc_n = gap(coord, key_coord, p, has_p), gap(coord, key_coord, n, has_n)
+        # interpolation weight along time, or along wavelength between pixels of one time (a spectrum)
+        span_t, span_c = dt_p + dt_n, dc_p + dc_n
+        w = torch.where(span_t > 0, dt_p / span_t.clamp(min=1e-12),
+                        torch.where(span_c > 0, dc_p / span_c.clamp(min=1e-12), torch.full_like(span_t, 0.5)))
+        interp = torch.where(has_p & has_n, v_p + w * (v_n - v_p), torch.where(has_p, v_p, v_n))
+        features = torch.stack([
+            v_p, v_n, interp, has_p.float(), has_n.float(),
+            torch.log1p(dt_p / self.time_scale), torch.log1p(dt_n / self.time_scale),
+            torch.log1p(dc_p / self.coord_scale), torch.log1p(dc_n / self.coord_scale)], dim=1)
+        return self.proj(features.to(self.proj.weight.dtype))
