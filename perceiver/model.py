@@ -12,7 +12,8 @@ Reading order (top to bottom of :meth:`Percival.forward`):
    them (:mod:`perceiver.neighbours`) -- and cross-attends to its record's latents, then
    (``decoder_element_heads`` > 0) to its record's visible element tokens with a learned relative-position
    kernel (:mod:`perceiver.element_attention`) -- the latents carry the record's summary, the elements the
-   local evidence (the same channel an hour earlier, the same hour's other vitals, the neighbouring pixels); a head returns the mean and log-sigma of the normalised value.
+   local evidence (the same channel an hour earlier, the same hour's other vitals, the neighbouring pixels);
+   a head returns the mean and log-sigma of the normalised value.
 
 Queries need not be observed elements: :func:`perceiver.inference.predict` asks for any (time, channel,
 coord).
