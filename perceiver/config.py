@@ -63,6 +63,8 @@ class ModelConfig:
     #: decoder: queries also carry their channel's previous / next visible values in the record and the gaps
     #: to them (the interpolation baselines' evidence, :mod:`perceiver.neighbours`)
     decoder_neighbours: bool = True
+    #: ... and the same for every channel of the table: the record's state around the query's time
+    decoder_snapshot: bool = True
     #: Fourier features: number of frequencies and the shortest / longest period (data units)
     n_time_freqs: int = 16
     time_min_period: float = 1.0
@@ -118,7 +120,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     #: beta-NLL exponent: each element's NLL is weighted by its (detached) predictive variance ** nll_beta;
     #: 0 = plain NLL
-    nll_beta: float = 0.0
+    nll_beta: float = 0.5
     #: token budget per batch (elements + record_cost per record), cap on records per batch, crop length
     batch_tokens: int = 4096
     max_records: int = 64

@@ -85,7 +85,8 @@ class Percival(nn.Module):
         self.blocks = nn.ModuleList(SelfAttentionBlock(c.d_latent, c.n_heads, c.mlp_ratio)
                                     for _ in range(n_blocks))
         self.query_proj = nn.Linear(c.d_input, c.d_query)
-        self.neighbours = (NeighbourFeatures(c.d_query, c.time_min_period, c.coord_min_period)
+        self.neighbours = (NeighbourFeatures(c.d_query, c.time_min_period, c.coord_min_period,
+                                             c.n_channels if c.decoder_snapshot else 0)
                            if c.decoder_neighbours else None)
         head_dim = c.decoder_head_dim or c.d_query // c.decoder_heads
         self.decoder = CrossAttentionBlock(c.d_query, c.d_latent, c.decoder_heads, head_dim,

@@ -71,27 +71,41 @@ def same_channel_neighbours(key_offsets: torch.Tensor, key_channel: torch.Tensor
 class NeighbourFeatures(nn.Module):
     """What the interpolation baselines know about a query, as a vector of width ``d_out``: its channel's
     previous and next visible values in the record, their linear interpolation, whether each exists, and the
-    distances to them in time (log, in units of the shortest Fourier period) and in coord.
+    distances to them in time (log, in units of the shortest Fourier period) and in coord. With ``snapshot``
+    the same nine numbers are added for *every* channel of the table, not only the query's: the record's
+    state around the query's time (the same hour's blood pressures for a hidden mean arterial pressure).
 
-    Added to the decoder queries, this gives the model the baselines' evidence directly (a same-channel
-    neighbour an hour away is the strongest single clue in an ICU record); the latents and the element
-    attention then add what the baselines cannot see: the other channels and the record as a whole. It uses
-    only visible elements, exactly as the baselines do.
+    Added to the decoder queries, this gives the model the baselines' evidence directly, on a linear path
+    (a same-channel neighbour an hour away is the strongest single clue in an ICU record); the latents and
+    the element attention add the record as a whole. It uses only visible elements, as the baselines do.
     """
 
     N_FEATURES = 9
 
-    def __init__(self, d_out: int, time_scale: float, coord_scale: float):
+    def __init__(self, d_out: int, time_scale: float, coord_scale: float, snapshot_channels: int = 0):
         super().__init__()
         self.time_scale, self.coord_scale = float(time_scale), float(coord_scale)
-        self.proj = nn.Linear(self.N_FEATURES, d_out)
+        self.snapshot_channels = snapshot_channels
+        self.proj = nn.Linear(self.N_FEATURES * (1 + snapshot_channels), d_out)
 
     def forward(self, time: torch.Tensor, channel: torch.Tensor, coord: torch.Tensor, offsets: torch.Tensor,
                 key_time: torch.Tensor, key_channel: torch.Tensor, key_coord: torch.Tensor,
                 key_value: torch.Tensor, key_offsets: torch.Tensor) -> torch.Tensor:
-        if len(key_value) == 0:  # nothing visible: every query has no neighbour
-            return self.proj(torch.zeros(len(time), self.N_FEATURES, device=time.device,
-                                         dtype=self.proj.weight.dtype))
+        """Projected features of packed queries (``offsets`` B+1, CPU) among packed visible keys."""
+        keys = (key_time, key_channel, key_coord, key_value, key_offsets)
+        features = self._features(time, channel, coord, offsets, keys)
+        c = self.snapshot_channels
+        if c:  # every query asked once per channel of the table, its copies adjacent (records stay packed)
+            every = torch.arange(c, device=channel.device).repeat(len(channel))
+            snap = self._features(time.repeat_interleave(c), every, coord.repeat_interleave(c), offsets * c, keys)
+            features = torch.cat([features, snap.reshape(len(channel), c * self.N_FEATURES)], dim=1)
+        return self.proj(features.to(self.proj.weight.dtype))
+
+    def _features(self, time, channel, coord, offsets, keys) -> torch.Tensor:
+        """(N, 9) float32: the neighbour features of queries (time, channel, coord) among ``keys``."""
+        key_time, key_channel, key_coord, key_value, key_offsets = keys
+        if len(key_value) == 0:  # nothing visible: no query has a neighbour
+            return torch.zeros(len(time), self.N_FEATURES, device=time.device)
         prev, nxt = same_channel_neighbours(key_offsets, key_channel, [key_time, key_coord], offsets, channel,
                                             [time, coord])
         has_p, has_n = prev >= 0, nxt >= 0
@@ -110,8 +124,7 @@ class NeighbourFeatures(nn.Module):
         w = torch.where(span_t > 0, dt_p / span_t.clamp(min=1e-12),
                         torch.where(span_c > 0, dc_p / span_c.clamp(min=1e-12), torch.full_like(span_t, 0.5)))
         interp = torch.where(has_p & has_n, v_p + w * (v_n - v_p), torch.where(has_p, v_p, v_n))
-        features = torch.stack([
+        return torch.stack([
             v_p, v_n, interp, has_p.float(), has_n.float(),
             torch.log1p(dt_p / self.time_scale), torch.log1p(dt_n / self.time_scale),
             torch.log1p(dc_p / self.coord_scale), torch.log1p(dc_n / self.coord_scale)], dim=1)
-        return self.proj(features.to(self.proj.weight.dtype))
