@@ -60,13 +60,15 @@ class Group:
     """One SDPA call: ``records`` (batch positions), padded length ``length``; ``gather`` (g*length rows of
     the packed tensor, padding rows point at a real row and are masked/dropped), ``mask`` (g, length) or None
     when all lengths are equal; ``start`` set when the group is a contiguous equal-length run of the
-    packing."""
+    packing. ``host_records`` is the same record list kept on the CPU (reading ``records`` back from a GPU
+    would stall it)."""
 
     records: torch.Tensor
     length: int
     gather: torch.Tensor | None
     mask: torch.Tensor | None
     start: int | None
+    host_records: np.ndarray
 
 
 @dataclass
@@ -87,7 +89,8 @@ class VarlenPlan:
         def mv(t):
             return None if t is None else t.to(device, non_blocking=True)
 
-        groups = [Group(mv(g.records), g.length, mv(g.gather), mv(g.mask), g.start) for g in self.groups]
+        groups = [Group(mv(g.records), g.length, mv(g.gather), mv(g.mask), g.start, g.host_records)
+                  for g in self.groups]
         return VarlenPlan(self.n_records, self.n_rows, groups, mv(self.row_index), mv(self.record_index),
                           mv(self.empty))
 
@@ -145,7 +148,7 @@ def plan_varlen(offsets: torch.Tensor | np.ndarray, mode: str = "auto",
         gather = None if contiguous else torch.from_numpy(np.where(real, rows, off[recs][:, None]).ravel())
         mask = None if real.all() else torch.from_numpy(real)
         start = int(off[recs[0]]) if contiguous else None
-        groups.append(Group(torch.from_numpy(recs), length, gather, mask, start))
+        groups.append(Group(torch.from_numpy(recs), length, gather, mask, start, recs))
         row_index[rows[real]] = base + (np.arange(g * length).reshape(g, length))[real]
         record_index[recs] = np.arange(len(recs)) + sum(len(x.records) for x in groups[:-1])
         base += g * length
@@ -229,7 +232,7 @@ def attend_packed_pairs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
     lengths = np.diff(off)
     outs = []
     for group in plan.groups:
-        recs = group.records.cpu().numpy()
+        recs = group.host_records
         length = max(int(lengths[recs].max()), 1)
         pos = np.arange(length)
         real = pos[None, :] < lengths[recs][:, None]

@@ -18,6 +18,10 @@ import torch
 from torch import nn
 
 
+#: channel indices are below this (a (record, channel) group is one int64)
+CHANNEL_SPAN = 1 << 24
+
+
 def segment_ids(offsets: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Record index of each packed element, from ``offsets`` (B+1, CPU)."""
     counts = torch.diff(offsets.to(torch.int64))
@@ -35,9 +39,8 @@ def same_channel_neighbours(key_offsets: torch.Tensor, key_channel: torch.Tensor
     static element) has no neighbours."""
     device = key_channel.device
     nk, nq = len(key_channel), len(query_channel)
-    n_ch = int(max(int(key_channel.max()) if nk else 0, int(query_channel.max()) if nq else 0)) + 1
     record = torch.cat([segment_ids(key_offsets, device), segment_ids(query_offsets, device)])
-    group = record * n_ch + torch.cat([key_channel, query_channel]).to(torch.int64)
+    group = record * CHANNEL_SPAN + torch.cat([key_channel, query_channel]).to(torch.int64)
     # Stable sorts from the least significant key up; keys precede queries in the concatenation, so they
     # stay first among equals.
     order = torch.arange(nk + nq, device=device)
@@ -51,7 +54,7 @@ def same_channel_neighbours(key_offsets: torch.Tensor, key_channel: torch.Tensor
     last = torch.where(is_key, pos, -1).cummax(0).values
     first = torch.where(is_key, pos, nk + nq).flip(0).cummin(0).values.flip(0)
     g = group[order]
-    qpos = torch.nonzero(~is_key).squeeze(1)
+    qpos = torch.sort(is_key.to(torch.int8), stable=True).indices[:nq]  # no data-dependent size: no GPU sync
     qidx = order[qpos] - nk
 
     def pick(p: torch.Tensor) -> torch.Tensor:
