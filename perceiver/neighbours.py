@@ -17,7 +17,6 @@ import math
 import torch
 from torch import nn
 
-
 #: channel indices are below this (a (record, channel) group is one int64)
 CHANNEL_SPAN = 1 << 24
 
