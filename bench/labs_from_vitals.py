@@ -11,7 +11,7 @@ in normalised units, against the channel mean of the training records -- the sam
 ``bench/quality.py`` reports for the model. A second fit adds the stay's *measurement pattern* of labs
 (how many of each lab were drawn, and how many labs at the lab's hour), which the model is not shown.
 
-Needs scikit-learn (``pip install scikit-learn``; not a Percival dependency) and skips cleanly without it or
+Needs scikit-learn (``pip install -e ".[bench]"``; not a dependency of Percival itself) and skips cleanly without it or
 without the data.
 """
 
