@@ -95,12 +95,15 @@ class NeighbourFeatures(nn.Module):
                 key_value: torch.Tensor, key_offsets: torch.Tensor) -> torch.Tensor:
         """Projected features of packed queries (``offsets`` B+1, CPU) among packed visible keys."""
         keys = (key_time, key_channel, key_coord, key_value, key_offsets)
-        features = self._features(time, channel, coord, offsets, keys)
         c = self.snapshot_channels
         if c:  # every query asked once per channel of the table, its copies adjacent (records stay packed)
             every = torch.arange(c, device=channel.device).repeat(len(channel))
             snap = self._features(time.repeat_interleave(c), every, coord.repeat_interleave(c), offsets * c, keys)
-            features = torch.cat([features, snap.reshape(len(channel), c * self.N_FEATURES)], dim=1)
+            snap = snap.reshape(len(channel), c, self.N_FEATURES)
+            own = snap[torch.arange(len(channel), device=channel.device), channel]  # the query's channel's copy
+            features = torch.cat([own, snap.flatten(1)], dim=1)
+        else:
+            features = self._features(time, channel, coord, offsets, keys)
         return self.proj(features.to(self.proj.weight.dtype))
 
     def _features(self, time, channel, coord, offsets, keys) -> torch.Tensor:
