@@ -29,6 +29,8 @@ def main() -> int:
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--grid-times", type=int, default=32)
+    ap.add_argument("--folds", type=int, default=None,
+                    help="out-of-sample folds (default: reconstruct's default; 0 = in-sample only)")
     args = ap.parse_args()
     pl = Path(args.data) / "plasticc"
     if not (pl / "plasticc_train_lightcurves.csv.gz").exists():
@@ -47,10 +49,12 @@ def main() -> int:
         ckpt = args.checkpoint or str(work / "ckpt")
         if args.checkpoint is None:
             train_flow(store, ckpt, preset="small", steps=args.steps)
-        results = {}
+        results = {"folds": args.folds}
+        fold_kw = {} if args.folds is None else {"folds": args.folds}
         for name, kw in (("single_process", {}), ("dask_2_workers", {"workers": 2})):
             t0 = time.perf_counter()
-            s = reconstruct_flow(store, ckpt, str(work / f"{name}.zarr"), grid_times=args.grid_times, **kw)
+            s = reconstruct_flow(store, ckpt, str(work / f"{name}.zarr"), grid_times=args.grid_times, **kw,
+                                 **fold_kw)
             t = time.perf_counter() - t0
             results[name] = {"seconds": round(t, 2), "records": s["records"],
                              "records_per_s": round(s["records"] / t, 1), "elements_per_s": round(n_el / t)}

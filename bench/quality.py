@@ -1,22 +1,28 @@
-"""Reconstruction quality on full PhysioNet 2019 and full PLAsTiCC, against the baselines, in one run.
+"""Reconstruction quality on full PhysioNet 2019 and full PLAsTiCC, against the baselines, in one command.
 
-    .venv/bin/python bench/quality.py [--data ../shared/data] [--steps 2000] [--preset small] [--out DIR]
+    .venv/bin/python bench/quality.py --split val  [--steps N] [--preset small] [--set SECTION.FIELD=VALUE]
+    .venv/bin/python bench/quality.py --split test [same options]    # once per released configuration
 
 For each dataset: ingest from ../shared/data, train (``--steps`` steps of the ``--preset`` model on the train
-split), evaluate on the test split with the fixed seeded protocols — (a) 30 % of elements hidden at random,
-and for PhysioNet (b) the labs hidden from vitals and static — scored on the same hidden elements for the model
-and the baselines (channel mean, forward fill, linear interpolation; their constant σ fitted on val).
-Prints the headline ratios against the targets and a final JSON line; the full tables are in
-``OUT/<dataset>/evaluation/evaluation.md``. Skips with a message where the data is absent.
+split; a model already trained in ``OUT`` with the same settings is resumed, i.e. reused), evaluate on
+``--split`` with the fixed seeded protocols of ``percival evaluate`` -- (a) 30 % of elements hidden at random,
+and for PhysioNet (b) the labs hidden from vitals and static -- scored on the same hidden elements for the model
+and every baseline (channel mean, per-record mean, forward fill, linear interpolation, gradient boosting
+trained on the train split with the decoder's evidence). Choices are made on ``val``; ``test`` is scored once
+per configuration that is reported.
 
-Targets (issue "Pipelines"): model MSE ≤ 0.7 × linear interpolation (a) on both; PhysioNet labs hidden (b)
-≤ 0.8 × channel mean; 95 % coverage between 0.92 and 0.97.
+Writes ``bench/results/quality-<date>-<split>.json`` (``--results``): the command, the commit, the CPU model,
+the preset and overrides, the split, and per dataset and protocol every method's overall metrics and the model's
+ratios against each baseline. The full tables are in ``OUT/<dataset>/evaluation/evaluation.md``. Skips with a
+message where the data is absent.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,14 +35,31 @@ DATASETS = {"physionet2019": ("physionet2019", ("holdout", "modality:labs")),
             "plasticc": ("plasticc", ("holdout",))}
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def git_commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True, cwd=ROOT).stdout.strip()
+    return done.stdout.strip() + ("+uncommitted" if dirty else "")
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--split", choices=("val", "test"), required=True,
+                    help="val for choices; test once per reported configuration")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--preset", default="small")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="working folder (stores, models, evaluations)")
     ap.add_argument("--only", choices=list(DATASETS), default=None)
+    ap.add_argument("--results", default=None, help="result file (default bench/results/quality-DATE-SPLIT.json)")
     args = ap.parse_args()
     data = Path(args.data)
     if not (data / "physionet2019").is_dir() or not (data / "plasticc").is_dir():
@@ -47,7 +70,9 @@ def main() -> int:
     from pipelines.train import train_flow
 
     out = Path(args.out or tempfile.mkdtemp(prefix="percival-quality-"))
-    results = {}
+    results = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "commit": git_commit(),
+               "cpu": cpu_model(), "date": datetime.date.today().isoformat(), "split": args.split,
+               "preset": args.preset, "steps": args.steps, "overrides": args.set, "datasets": {}}
     for name, (folder, protocols) in DATASETS.items():
         if args.only and name != args.only:
             continue
@@ -61,26 +86,28 @@ def main() -> int:
         trained = train_flow(store, str(d / "model"), preset=args.preset, steps=args.steps, overrides=args.set)
         t_train = time.perf_counter() - t0
         t0 = time.perf_counter()
-        ev = evaluate_flow(store, str(d / "model"), str(d / "evaluation"), protocols=protocols)
+        ev = evaluate_flow(store, str(d / "model"), str(d / f"evaluation-{args.split}"), protocols=protocols,
+                           split=args.split)
         t_eval = time.perf_counter() - t0
         doc = json.loads(Path(ev["json"]).read_text())
         res = {"ingest_s": round(t_ingest, 1), "train_s": round(t_train, 1), "evaluate_s": round(t_eval, 1),
                "steps": trained["steps"], "train_loss": trained["train_loss"], "protocols": {}}
         for p in doc["protocols"]:
-            m = p["metrics"]
-            overall = {k: v.get("overall", {}) for k, v in m.items()}
+            overall = {k: v.get("overall", {}) for k, v in p["metrics"].items()}
+            model_mse = overall["model"].get("mse")
             res["protocols"][p["protocol"]] = {
-                "n_elements": p["n_elements"],
-                "model_mse": overall["model"].get("mse"),
-                "mse_vs_linear_interpolation": overall["model"]["mse"] / overall["linear_interpolation"]["mse"],
-                "mse_vs_channel_mean": overall["model"]["mse"] / overall["channel_mean"]["mse"],
-                "model_coverage95": overall["model"].get("coverage95"),
-                "model_coverage68": overall["model"].get("coverage68"),
-            }
-        results[name] = res
-        print(f"\n== {name}: {json.dumps(res, indent=1)}\n   tables: {ev['markdown']}")
-    results["config"] = {"preset": args.preset, "steps": args.steps, "overrides": args.set, "out": str(out)}
-    print(json.dumps(results))
+                "split": p["score_split"], "n_elements": p["n_elements"], "n_records": p["n_records"],
+                "overall": overall,
+                "model_mse_vs": {k: (model_mse / v["mse"] if model_mse is not None and v.get("mse") else None)
+                                 for k, v in overall.items() if k != "model"},
+                "evidence": p.get("evidence", {})}
+        results["datasets"][name] = res
+        print(f"\n== {name}: {json.dumps(res['protocols'], indent=1, default=str)[:4000]}\n"
+              f"   tables: {ev['markdown']}", flush=True)
+    path = Path(args.results or ROOT / "bench" / "results" / f"quality-{results['date']}-{args.split}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print(f"written {path}")
     return 0
 
 

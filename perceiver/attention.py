@@ -3,8 +3,8 @@
 Records are packed (no padding) with ``offsets`` (B+1). Two cross-attention shapes occur:
 
 - the encoder: fixed-size latent queries attend to a variable number of element keys per record;
-- the decoder: a variable number of element queries per record attend to that record's latents (and,
-  optionally, to that record's visible elements: packed queries to packed keys).
+- the decoder: a variable number of element queries per record attend to that record's latents (its bounded
+  look at nearby elements is :mod:`perceiver.local_attention`).
 
 Both go through a :class:`VarlenPlan`: records are sorted by length and cut into *groups*; each group is one
 SDPA call on a padded ``(g, H, len, dh)`` view. A group of equal lengths needs no mask (and, when its records
@@ -204,48 +204,6 @@ def attend_packed_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pla
         outs.append(o.transpose(1, 2).reshape(-1, *q.shape[1:]))
     if not outs:
         return q.new_zeros(q.shape)
-    if len(outs) == 1 and outs[0].shape[0] == q.shape[0] and plan.groups[0].start is not None:
-        return outs[0]
-    return torch.cat(outs).index_select(0, plan.row_index)
-
-
-def _padded_keys(x: torch.Tensor, gather: torch.Tensor, g: int, length: int) -> torch.Tensor:
-    """Rows ``gather`` of packed keys ``x`` (M, H, d) as (g, H, length, d); zeros when there are no keys."""
-    if not len(x):
-        return x.new_zeros((g, x.shape[1], length, x.shape[2]))
-    return x.index_select(0, gather).view(g, length, *x.shape[1:]).transpose(1, 2)
-
-
-def attend_packed_pairs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: VarlenPlan,
-                        kv_offsets: torch.Tensor) -> torch.Tensor:
-    """Packed queries ``q`` (N, H, dk) attend to their own record's packed keys ``k`` (M, H, dk) and values
-    ``v`` (M, H, dv).
-
-    ``plan`` groups the queries (:func:`plan_varlen` of the query offsets); ``kv_offsets`` (B+1, CPU) packs the
-    keys. Each group pads its keys to the longest key set among its records and masks the padding. A record
-    without keys gets zeros. Returns (N, H, dv) in packed order.
-    """
-    out_shape = (q.shape[0], *v.shape[1:])
-    if not plan.groups:
-        return v.new_zeros(out_shape)
-    off = np.asarray(kv_offsets.cpu(), np.int64)
-    lengths = np.diff(off)
-    outs = []
-    for group in plan.groups:
-        recs = group.host_records
-        length = max(int(lengths[recs].max()), 1)
-        pos = np.arange(length)
-        real = pos[None, :] < lengths[recs][:, None]
-        gather = torch.from_numpy(np.where(real, off[recs][:, None] + pos[None, :], 0).ravel()).to(k.device)
-        has_keys = torch.from_numpy(lengths[recs] > 0).to(q.device)
-        real[:, 0] = True  # a record without keys attends to a dummy key; its output is zeroed below
-        # no mask where no key is padding (e.g. a long spectrum alone in its group): SDPA's flash kernel then
-        # runs without materialising queries x keys
-        mask = None if real.all() else torch.from_numpy(real).to(q.device)[:, None, None, :]
-        qg = _rows(q, group).transpose(1, 2)  # (g, H, len, dk)
-        kg, vg = (_padded_keys(x, gather, len(recs), length) for x in (k, v))
-        o = sdpa(qg, kg, vg, attn_mask=mask) * has_keys[:, None, None, None].to(v.dtype)
-        outs.append(o.transpose(1, 2).reshape(-1, *v.shape[1:]))
     if len(outs) == 1 and outs[0].shape[0] == q.shape[0] and plan.groups[0].start is not None:
         return outs[0]
     return torch.cat(outs).index_select(0, plan.row_index)

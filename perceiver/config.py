@@ -57,9 +57,13 @@ class ModelConfig:
     decoder_heads: int = 1
     decoder_head_dim: int = 0
     decoder_mlp_ratio: float = 4.0
-    #: decoder: queries also attend to their record's visible element tokens (local evidence beside the
-    #: latents' summary, e.g. the same hour's other vitals); heads of that attention, 0 = latents only
-    decoder_element_heads: int = 4
+    #: decoder: queries also attend to a bounded neighbourhood of their record's visible element tokens (local
+    #: evidence beside the latents' summary, e.g. the same hour's other vitals; :mod:`perceiver.local_attention`):
+    #: heads of that attention (0 = latents only), visible elements read on each side of the query in time
+    #: (any channel), and of the query's own channel on each side. Cost per query is fixed: linear in queries.
+    decoder_local_heads: int = 4
+    decoder_local_time: int = 8
+    decoder_local_channel: int = 4
     #: decoder: queries also carry their channel's previous / next visible values in the record and the gaps
     #: to them (the interpolation baselines' evidence, :mod:`perceiver.neighbours`)
     decoder_neighbours: bool = True
@@ -95,7 +99,7 @@ class ModelConfig:
             "small": {},
             "bench": dict(d_input=64, n_latents=256, d_latent=256, n_layers=6, n_heads=8, mlp_ratio=4.0,
                           cross_heads=1, cross_head_dim=64, cross_mlp_ratio=1.0, d_query=128, decoder_heads=1,
-                          decoder_head_dim=64, decoder_mlp_ratio=2.0, decoder_element_heads=0,
+                          decoder_head_dim=64, decoder_mlp_ratio=2.0, decoder_local_heads=0,
                           decoder_neighbours=False),
         }
         if name not in sizes:
@@ -159,6 +163,14 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
+        model = data.get("model")
+        if isinstance(model, dict) and "decoder_element_heads" in model:
+            # the decoder's attention to *every* visible element of a record (O(queries x elements)) is retired
+            model = dict(model)
+            if model.pop("decoder_element_heads"):
+                raise ValueError("this checkpoint's decoder attends to every element of a record (the retired "
+                                 "O(N^2) decoder_element_heads); retrain it with the bounded local decoder")
+            data = {**data, "model": model}
         return _build(cls, data)
 
     @classmethod

@@ -1,4 +1,4 @@
-"""The held-out evaluation protocol: the model against three baselines on exactly the same hidden elements.
+"""The held-out evaluation protocol: the model against five baselines on exactly the same hidden elements.
 
 A *protocol* decides, per record of a split, which elements are hidden from the encoder and must be predicted:
 
@@ -14,8 +14,20 @@ A *protocol* decides, per record of a split, which elements are hidden from the 
 The plan of a split is a function of (``seed``, split name, the records evaluated) only: the same seed gives
 the same hidden elements on every run. The model (:func:`perceiver.inference.predict`, length-aware batches
 of :func:`datasets.loader.token_batches` with ``shuffle=False``) and the baselines of
-:mod:`perceiver.baselines` (channel mean of the train split, forward fill, per-record per-channel linear
-interpolation in time) predict the same hidden elements from the same visible ones.
+:mod:`perceiver.baselines` predict the same hidden elements from the same visible ones (:data:`METHODS`; what
+each one sees is written into the result, :attr:`ProtocolResult.evidence`):
+
+``channel_mean``
+    the channel's mean over the train split;
+``per_record_mean``
+    the mean of the record's visible values of the channel (the channel mean where none is visible);
+``forward_fill`` / ``linear_interpolation``
+    from the record's visible elements of the same channel, in time (along wavelength for spectra);
+``gradient_boost``
+    a ``HistGradientBoostingRegressor`` trained on the *train* split's hidden elements under the same protocol
+    (the seeded plan of split ``train``, at most ``gradient_boost_elements`` of them, a seeded subsample) with
+    the decoder's evidence about a query and nothing else (:func:`perceiver.baselines.neighbour_features`). A
+    seeded :data:`RESERVE_FRACTION` of the train records is left out of its training (see below).
 
 Scoring is in normalised units (``z = (T(v) - location) / scale``, :mod:`datasets.normalise`) with the
 formulas of :class:`perceiver.objective.Metrics`: MSE and MAE of the mean, Gaussian NLL of
@@ -23,9 +35,14 @@ formulas of :class:`perceiver.objective.Metrics`: MSE and MAE of the mean, Gauss
 elements inside its 68.27 % / 95.45 % central intervals, per channel, per modality and overall.
 
 The baselines have no uncertainty of their own. Each gets one constant ``sigma`` per channel, fitted by
-maximum likelihood on the *validation* split's hidden elements (same protocol and seed) and then scored on the
-*test* split: no test element informs its own interval. The model's ``sigma`` is its own prediction, with the
-measurement error added in quadrature exactly as in the training objective.
+maximum likelihood on hidden elements of another split than the one scored (same protocol and seed;
+:data:`SIGMA_SPLIT`): scoring the *test* split (the default, for reporting), sigma is fitted on the
+*validation* split; scoring the *validation* split (``percival evaluate --split val``, for choosing a model or
+its settings without looking at test), sigma is fitted on the *train* split instead — on its reserved records
+only, those the gradient-boost baseline was not trained on, so that no baseline's interval is fitted on its
+own training residuals. Either way no scored element informs its own interval, and no test element is used
+when val is scored. The model's ``sigma`` is its own prediction, with the measurement error added in
+quadrature exactly as in the training objective.
 
 From a notebook::
 
@@ -37,7 +54,9 @@ From a notebook::
     model, config = load("runs/physionet")
     means = train_channel_means(store)
     result = evaluate_protocol(store, model, config, "modality:labs", seed=0, means=means)
-    result.table()                     # rows: model, channel_mean, forward_fill, linear_interpolation
+    result.table()                     # rows: METHODS (model and the five baselines)
+    result.evidence                    # method -> what it sees
+    evaluate_protocol(store, model, config, "holdout", score_split="val")   # choose on val, sigma from train
 """
 
 from __future__ import annotations
@@ -54,17 +73,35 @@ from datasets.loader.batches import Batch, ElementDataset, ranges, segment_ids, 
 from datasets.loader.masking import MaskingConfig, plan_masks
 from datasets.normalise import normalise
 from datasets.store.reader import Store, open_store
-from perceiver.baselines import predict_baseline
+from perceiver.baselines import GRADIENT_BOOST_MAX_ELEMENTS, GradientBoost, fit_gradient_boost, predict_baseline
 from perceiver.config import RunConfig
 from perceiver.inference import Queries, predict
 from perceiver.model import ModelOutput, Percival
 from perceiver.objective import Metrics
 
 #: the methods compared, in table order
-METHODS = ("model", "channel_mean", "forward_fill", "linear_interpolation")
+METHODS = ("model", "channel_mean", "per_record_mean", "forward_fill", "linear_interpolation", "gradient_boost")
 BASELINE_METHODS = METHODS[1:]
-#: the split used to fit the baselines' constant sigma, and the split scored
+#: the split used to fit the baselines' constant sigma, and the split scored (by default)
 FIT_SPLIT, SCORE_SPLIT = "val", "test"
+#: per scored split, the split the baselines' constant sigma is fitted on (never the scored one)
+SIGMA_SPLIT = {"test": "val", "val": "train"}
+#: fraction of the train split's records (seeded) the gradient-boost baseline is not trained on; the baselines'
+#: sigma is fitted on their hidden elements when the validation split is scored
+RESERVE_FRACTION = 0.1
+#: what each method sees (the gradient-boost line is completed with its training data)
+EVIDENCE = {
+    "model": "the record's visible elements (encoder, and the decoder's features of them) and each hidden "
+             "element's time, channel and coord (its query); trained on the train split",
+    "channel_mean": "train-split mean of the channel (nothing of the record)",
+    "per_record_mean": "mean of the record's visible values of the same channel (train-split channel mean where "
+                       "the record has none visible)",
+    "forward_fill": "the record's last visible value of the same channel at or before the element's time (along "
+                    "wavelength for spectra); train-split channel mean where none, and for static elements",
+    "linear_interpolation": "linear interpolation between the record's visible neighbours of the same channel in "
+                            "time (along wavelength for spectra), constant beyond them; train-split channel mean "
+                            "where none, and for static elements",
+}
 #: each split's stream of the seeded generator (the plan of a split never depends on another split)
 SPLIT_STREAM = {"train": 0, "val": 1, "test": 2}
 #: central-interval levels of the calibration curve
@@ -209,13 +246,44 @@ def model_predictions(model: Percival, ds: ElementDataset, hidden: np.ndarray, b
     return mean, sigma
 
 
-def baseline_predictions(ds: ElementDataset, hidden: np.ndarray, means: np.ndarray) -> dict[str, np.ndarray]:
-    """Each baseline's prediction (normalised) for the hidden elements from the visible ones, aligned with
-    ``np.flatnonzero(hidden)``. ``means`` is the train-split mean normalised value per channel."""
+def baseline_predictions(ds: ElementDataset, hidden: np.ndarray, means: np.ndarray,
+                         gradient_boost: GradientBoost | None = None, visible: np.ndarray | None = None
+                         ) -> dict[str, np.ndarray]:
+    """Each baseline's prediction (normalised) for the hidden elements from the visible ones (``~hidden``
+    unless ``visible`` is given), aligned with ``np.flatnonzero(hidden)``. ``means`` is the train-split mean
+    normalised value per channel; ``gradient_boost`` the fitted gradient-boost baseline (without it that
+    baseline is left out)."""
     time = ds.time.astype(np.float64)
-    return {name: np.asarray(predict_baseline(name, ds.offsets, time, ds.channel, ds.value, ~hidden, hidden,
-                                              np.asarray(means, np.float64), coord=ds.coord), np.float64)
-            for name in BASELINE_METHODS}
+    visible = ~hidden if visible is None else visible & ~hidden
+    return {name: np.asarray(predict_baseline(name, ds.offsets, time, ds.channel, ds.value, visible, hidden,
+                                              np.asarray(means, np.float64), coord=ds.coord,
+                                              gradient_boost=gradient_boost), np.float64)
+            for name in BASELINE_METHODS if name != "gradient_boost" or gradient_boost is not None}
+
+
+def reserved_records(n_records: int, seed: int, fraction: float = RESERVE_FRACTION) -> np.ndarray:
+    """Boolean per train record (dataset order): held out of the gradient-boost fit. A seeded
+    ``round(fraction * n)`` of them (at least one where there are two or more records)."""
+    out = np.zeros(n_records, bool)
+    if n_records >= 2 and fraction > 0:
+        k = min(max(int(round(fraction * n_records)), 1), n_records - 1)
+        out[np.random.default_rng([seed, SPLIT_STREAM["train"], 1]).permutation(n_records)[:k]] = True
+    return out
+
+
+def train_gradient_boost(train: ElementDataset, hidden: np.ndarray, means: np.ndarray, seed: int = 0,
+                         reserved: np.ndarray | None = None, max_elements: int | None = GRADIENT_BOOST_MAX_ELEMENTS,
+                         **params) -> GradientBoost:
+    """The gradient-boost baseline trained on the train split's ``hidden`` elements (its protocol plan,
+    :func:`split_plan` with split ``train``), from its visible ones, leaving out the ``reserved`` records
+    (boolean per record; :func:`reserved_records` when None). ``params``: HistGradientBoostingRegressor
+    settings (:data:`perceiver.baselines.GRADIENT_BOOST_PARAMS`)."""
+    if reserved is None:
+        reserved = reserved_records(len(train), seed)
+    target = hidden & ~np.asarray(reserved, bool)[segment_ids(train.offsets)]
+    return fit_gradient_boost(train.offsets, train.time.astype(np.float64), train.channel, train.coord,
+                              train.value, ~hidden, target, means, train.channel_modality,
+                              max_elements=max_elements, seed=seed, **params)
 
 
 def train_channel_means(store: Store | str, records_per_chunk: int = 10_000) -> np.ndarray:
@@ -340,13 +408,20 @@ class ProtocolResult:
     levels: list[float]
     calibration: dict[str, list[float]]
     channel_units: dict[str, str] = field(default_factory=dict)
+    #: method -> one line: what it sees (and, for gradient_boost, what it was trained on)
+    evidence: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def methods(self) -> list[str]:
+        """The methods of :data:`METHODS` this result has (older results lack the newer baselines)."""
+        return [m for m in METHODS if m in self.metrics]
 
     def table(self, level: str = "overall", key: str | None = None) -> pd.DataFrame:
         """One row per method: mse, mae, nll, coverage68, coverage95, n, and ``mse_vs_linear`` (the MSE
         divided by the linear interpolation's). ``level`` is ``overall``, ``modality`` or ``channel`` (then
         ``key`` names which)."""
         rows = {}
-        for method in METHODS:
+        for method in self.methods:
             m = self.metrics[method].get(level, {})
             m = m if level == "overall" else m.get(key, {"n": 0})
             rows[method] = {c: m.get(c, np.nan) for c in METRIC_COLUMNS}
@@ -372,14 +447,24 @@ def check_model_matches_store(config: RunConfig, store: Store) -> None:
 
 def evaluate_protocol(store: Store | str, model: Percival, config: RunConfig, protocol: Protocol | str,
                       seed: int = 0, max_records: int | None = None, means: np.ndarray | None = None,
-                      fit_split: str = FIT_SPLIT, score_split: str = SCORE_SPLIT,
-                      dtype: torch.dtype | None = None) -> ProtocolResult:
-    """Run ``protocol`` on ``store``: fit the baselines' sigma on ``fit_split``, score everything on
-    ``score_split`` (the first ``max_records`` records of each). ``means``: train-split channel means
-    (computed with :func:`train_channel_means` when None)."""
+                      fit_split: str | None = None, score_split: str = SCORE_SPLIT,
+                      dtype: torch.dtype | None = None,
+                      gradient_boost_elements: int | None = GRADIENT_BOOST_MAX_ELEMENTS,
+                      gradient_boost_params: dict | None = None) -> ProtocolResult:
+    """Run ``protocol`` on ``store``: train the gradient-boost baseline on the train split, fit the baselines'
+    sigma on ``fit_split`` (by default :data:`SIGMA_SPLIT` of the scored split: ``val`` when scoring ``test``,
+    the reserved train records when scoring ``val``), score everything on ``score_split`` (the first
+    ``max_records`` records of each split). ``means``: train-split channel means (computed with
+    :func:`train_channel_means` when None). ``gradient_boost_elements``: at most this many train elements
+    train the gradient-boost baseline; ``gradient_boost_params`` override its regressor settings."""
     store = open_store(store) if isinstance(store, str) else store
     protocol = Protocol.parse(protocol)
     check_model_matches_store(config, store)
+    fit_split = SIGMA_SPLIT.get(score_split, FIT_SPLIT) if fit_split is None else fit_split
+    if fit_split == score_split:
+        raise ValueError(f"the baselines' sigma cannot be fitted on the split it is scored on ({score_split!r})")
+    if score_split == "train":
+        raise ValueError("scoring the train split is not an evaluation (the gradient-boost baseline trains there)")
     mc, tc = config.model, config.train
     channel_names, n_channels = list(mc.channel_names), len(mc.channel_names)
     if means is None:
@@ -388,29 +473,44 @@ def evaluate_protocol(store: Store | str, model: Percival, config: RunConfig, pr
     batching = dict(batch_tokens=tc.batch_tokens, max_records=tc.max_records, record_cost=tc.record_cost,
                     dtype=dtype)
 
+    # the gradient-boost baseline: trained on the train split's plan, its reserved records left out
+    train = load_split(store, "train", mc.modalities, max_records)
+    train_hidden = split_plan(train, protocol, seed, "train")
+    reserved = reserved_records(len(train), seed)
+    gb = train_gradient_boost(train, train_hidden, means, seed, reserved, gradient_boost_elements,
+                              **(gradient_boost_params or {}))
+
     # the baselines' constant sigma: residuals on the fit split's hidden elements
-    fit_ds = load_split(store, fit_split, mc.modalities, max_records)
-    fit_hidden = split_plan(fit_ds, protocol, seed, fit_split)
+    if fit_split == "train":  # only the reserved records: the gradient boost was not trained on them
+        fit_ds, fit_hidden = train, train_hidden & reserved[segment_ids(train.offsets)]
+        fit_visible, where = ~train_hidden, "train-split records held out of the gradient-boost fit"
+    else:
+        fit_ds = load_split(store, fit_split, mc.modalities, max_records)
+        fit_hidden, fit_visible = split_plan(fit_ds, protocol, seed, fit_split), None
+        where = f"{fit_split}-split records"
+    del train, train_hidden
     baseline_sigma = {name: np.ones(n_channels) for name in BASELINE_METHODS}
+    n_fit = int((hidden_counts(fit_ds, fit_hidden) > 0).sum())
     if fit_hidden.any():
         sel = np.flatnonzero(fit_hidden)
-        for name, pred in baseline_predictions(fit_ds, fit_hidden, means).items():
+        for name, pred in baseline_predictions(fit_ds, fit_hidden, means, gb, fit_visible).items():
             baseline_sigma[name] = fit_constant_sigma(fit_ds.value[sel] - pred, fit_ds.error[sel],
                                                       fit_ds.channel[sel], n_channels)
-        n_fit = int((hidden_counts(fit_ds, fit_hidden) > 0).sum())
         sigma_source = (f"one constant σ per channel, fitted by maximum likelihood on the {int(fit_hidden.sum()):,} "
-                        f"hidden elements of {n_fit:,} {fit_split}-split records (same protocol and seed; "
-                        "pooled over channels for a channel with none there)")
+                        f"hidden elements of {n_fit:,} {where} (same protocol and seed; pooled over channels for "
+                        "a channel with none there)")
     else:
-        sigma_source = f"σ = 1 (the {fit_split} split has no hidden elements to fit on)"
+        sigma_source = f"σ = 1 (the {where} have no hidden elements to fit on)"
+    n_fit_elements = int(fit_hidden.sum())
+    del fit_ds, fit_hidden
 
-    # score on the test split
+    # score
     ds = load_split(store, score_split, mc.modalities, max_records)
     hidden = split_plan(ds, protocol, seed, score_split)
     sel = np.flatnonzero(hidden)
     value, error, channel = ds.value[sel], ds.error[sel], ds.channel[sel]
     preds = {"model": model_predictions(model, ds, hidden, **batching)}
-    for name, pred in baseline_predictions(ds, hidden, means).items():
+    for name, pred in baseline_predictions(ds, hidden, means, gb).items():
         preds[name] = (pred, baseline_sigma[name][channel])
     metrics, calibration = {}, {}
     for name in METHODS:
@@ -419,18 +519,26 @@ def evaluate_protocol(store: Store | str, model: Percival, config: RunConfig, pr
                               mc.modalities)
         calibration[name] = coverage_curve(value, error, mean, sigma).tolist()
     units = dict(zip(channel_names, store.channels["unit"].astype(str), strict=True))
+    evidence = {**EVIDENCE, "gradient_boost": f"{gb.describe('train')}; {int(reserved.sum()):,} train records "
+                                              "held out of its training"}
     return ProtocolResult(
         protocol=protocol.name, description=protocol.describe(), seed=seed, fit_split=fit_split,
         score_split=score_split, metrics=metrics,
         baseline_sigma={k: dict(zip(channel_names, map(float, v), strict=True)) for k, v in baseline_sigma.items()},
         sigma_source=sigma_source, n_records=int((hidden_counts(ds, hidden) > 0).sum()), n_elements=len(sel),
-        n_fit_records=int((hidden_counts(fit_ds, fit_hidden) > 0).sum()), n_fit_elements=int(fit_hidden.sum()),
-        levels=list(CALIBRATION_LEVELS), calibration=calibration, channel_units=units)
+        n_fit_records=n_fit, n_fit_elements=n_fit_elements, levels=list(CALIBRATION_LEVELS),
+        calibration=calibration, channel_units=units, evidence={m: evidence[m] for m in METHODS})
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the report
 # ---------------------------------------------------------------------------------------------------------
+
+#: the per-channel MSE table's columns (method -> heading)
+PER_CHANNEL_COLUMNS = {"model": "model", "linear_interpolation": "lin. interp.", "forward_fill": "fwd fill",
+                       "per_record_mean": "record mean", "channel_mean": "channel mean",
+                       "gradient_boost": "grad. boost"}
+
 
 def _fmt(x) -> str:
     if isinstance(x, (int, np.integer)):
@@ -476,15 +584,21 @@ def report_markdown(results: list[ProtocolResult], store: str = "", checkpoint: 
             "0.1–99.9 % quantiles), so 1 ≈ one train-split standard deviation of the channel. NLL and coverage use "
             "N(μ, σ² + e²) with e the normalised measurement error (unknown = 0); a calibrated predictor covers "
             "0.683 and 0.954. `MSE / lin. interp.` is each method's MSE divided by linear interpolation's.", ""]
+    if any(r.score_split == "val" for r in results):
+        out += ["**Validation split scored** (`--split val`: for choosing models and settings; report the test "
+                "split). The baselines' σ is fitted on train-split records the gradient-boost baseline was not "
+                "trained on.", ""]
     for r in results:
         out += [f"## Protocol `{r.protocol}`", "",
                 f"{r.description}; seed {r.seed}. Scored on {r.n_elements:,} hidden elements of "
                 f"{r.n_records:,} {r.score_split}-split records — exactly the same elements for the model and "
                 f"every baseline. Model σ: its own prediction. Baseline σ: {r.sigma_source}; then scored on the "
-                f"{r.score_split} split. "
-                "channel_mean: the channel's train-split mean; forward_fill / linear_interpolation: from the "
-                "same record's visible elements of the same channel (channel mean where there are none, and for "
-                "static elements).", ""]
+                f"{r.score_split} split.", ""]
+        evidence = r.evidence or {m: EVIDENCE[m] for m in r.methods if m in EVIDENCE}
+        if evidence:
+            out += ["What each method sees:", ""]
+            out += [f"- `{m}`: {evidence[m]}" for m in r.methods if m in evidence]
+            out += [""]
         if r.n_elements == 0:
             out += ["No record of this split qualifies: nothing to score.", ""]
             continue
@@ -495,14 +609,13 @@ def report_markdown(results: list[ProtocolResult], store: str = "", checkpoint: 
                 out += [f"**{m}**", "", markdown_table(r.table("modality", m)), ""]
         channels = r.metrics["model"].get("channel", {})
         if channels:
-            out += ["<details><summary>Per channel (MSE: model / linear interpolation / channel mean; n)"
-                    "</summary>", "", "| channel | model | lin. interp. | channel mean | n |",
-                    "|---|---:|---:|---:|---:|"]
+            shown = [m for m in PER_CHANNEL_COLUMNS if m in r.metrics]
+            heads = [PER_CHANNEL_COLUMNS[m] for m in shown]
+            out += [f"<details><summary>Per channel (MSE: {' / '.join(heads)}; n)</summary>", "",
+                    "| channel | " + " | ".join(heads) + " | n |", "|---|" + "---:|" * (len(shown) + 1)]
             for c, m in channels.items():
-                li = r.metrics["linear_interpolation"]["channel"].get(c, {})
-                cm = r.metrics["channel_mean"]["channel"].get(c, {})
-                out.append(f"| {c} | {_fmt(m.get('mse'))} | {_fmt(li.get('mse'))} | {_fmt(cm.get('mse'))} | "
-                           f"{m['n']:,} |")
+                mse = [_fmt(r.metrics[k].get("channel", {}).get(c, {}).get("mse")) for k in shown]
+                out.append(f"| {c} | " + " | ".join(mse) + f" | {m['n']:,} |")
             out += ["", "</details>", ""]
         paths = (plots or {}).get(r.protocol, [])
         if embed:

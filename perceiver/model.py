@@ -9,11 +9,16 @@ Reading order (top to bottom of :meth:`Percival.forward`):
 3. a stack of latent self-attention blocks refines the latents (B, L, D);
 4. every *target* element becomes a query from its position (never its value) plus what the interpolation
    baselines know about it -- its channel's previous and next *visible* values in the record and the gaps to
-   them (:mod:`perceiver.neighbours`) -- and cross-attends to its record's latents, then
-   (``decoder_element_heads`` > 0) to its record's visible element tokens with a learned relative-position
-   kernel (:mod:`perceiver.element_attention`) -- the latents carry the record's summary, the elements the
-   local evidence (the same channel an hour earlier, the same hour's other vitals, the neighbouring pixels);
-   a head returns the mean and log-sigma of the normalised value.
+   them, and the same for every other channel (:mod:`perceiver.neighbours`) -- and cross-attends to its
+   record's latents, then (``decoder_local_heads`` > 0) to a bounded neighbourhood of its record's visible
+   element tokens (:mod:`perceiver.local_attention`: a fixed number of elements on each side in time, and of its
+   own channel) -- the latents carry the record's summary, the neighbourhood the local evidence (the same
+   channel an hour earlier, the same hour's other vitals, the neighbouring pixels); a head returns the mean and
+   log-sigma of the normalised value.
+
+Every step is linear in the elements and the queries of a record (the neighbour search sorts once): a record of
+10^5 elements costs about 100 times one of 10^3. Without gradients, :meth:`Percival.decode` runs the queries
+in chunks of :data:`QUERY_CHUNK`, so inference memory is bounded whatever the number of queries.
 
 Queries need not be observed elements: :func:`perceiver.inference.predict` asks for any (time, channel,
 coord).
@@ -30,9 +35,14 @@ from torch import nn
 from datasets.loader.batches import Batch
 from perceiver.attention import CrossAttentionBlock, SelfAttentionBlock, plan_varlen
 from perceiver.config import ModelConfig
-from perceiver.element_attention import ElementAttention
 from perceiver.encodings import ElementEncoding
+from perceiver.local_attention import LocalAttention
 from perceiver.neighbours import NeighbourFeatures
+
+#: queries decoded at once without gradients. Bounds inference memory (the local attention holds
+#: QUERY_CHUNK x window x 2 x d_input floats, ~330 MB at the default sizes); a chunk searches only its own
+#: records' elements, so only a single record of far more elements than this re-sorts them per chunk.
+QUERY_CHUNK = 16384
 
 
 @dataclass
@@ -48,6 +58,12 @@ class Encoded:
     coord: torch.Tensor
     value: torch.Tensor
     offsets: torch.Tensor
+
+    def records(self, first: int, stop: int) -> Encoded:
+        """The records ``first .. stop - 1`` only (their latents and element tokens, offsets from 0)."""
+        a, b = int(self.offsets[first]), int(self.offsets[stop])
+        return Encoded(self.latents[first:stop], self.tokens[a:b], self.time[a:b], self.channel[a:b],
+                       self.coord[a:b], self.value[a:b], self.offsets[first:stop + 1] - a)
 
 
 @dataclass
@@ -91,7 +107,10 @@ class Percival(nn.Module):
         head_dim = c.decoder_head_dim or c.d_query // c.decoder_heads
         self.decoder = CrossAttentionBlock(c.d_query, c.d_latent, c.decoder_heads, head_dim,
                                            c.decoder_mlp_ratio)
-        self.element_decoder = ElementAttention(c, self.encoding) if c.decoder_element_heads > 0 else None
+        self.local_decoder = (LocalAttention(c.d_query, c.d_input, c.decoder_local_heads, c.decoder_local_time,
+                                             c.decoder_local_channel, c.time_min_period, c.coord_min_period,
+                                             c.decoder_mlp_ratio)
+                              if c.decoder_local_heads > 0 else None)
         self.head_norm = nn.LayerNorm(c.d_query)
         self.head = nn.Linear(c.d_query, 2)
         self.log_min_sigma = float(np.log(c.min_sigma))
@@ -110,17 +129,35 @@ class Percival(nn.Module):
                offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-sigma (normalised units, float32) of packed queries (time, channel, coord).
 
-        A query's modality is its channel's (from the channel table); it carries no value.
+        A query's modality is its channel's (from the channel table); it carries no value. Queries are
+        independent of each other: without gradients they run in chunks of :data:`QUERY_CHUNK`.
         """
+        n = len(channel)
+        if torch.is_grad_enabled() or n <= QUERY_CHUNK:
+            return self._decode(encoded, time, channel, coord, offsets)
+        off = np.asarray(offsets.cpu(), np.int64)
+        outs = []
+        for start in range(0, n, QUERY_CHUNK):
+            stop = min(start + QUERY_CHUNK, n)
+            # the records this chunk's queries belong to, and only their elements and latents
+            first = int(np.searchsorted(off, start, side="right")) - 1
+            last = int(np.searchsorted(off, stop, side="left"))
+            part = encoded.records(first, last)
+            chunk_off = torch.from_numpy(np.clip(off[first:last + 1], start, stop) - start)
+            outs.append(self._decode(part, time[start:stop], channel[start:stop], coord[start:stop], chunk_off))
+        return torch.cat([m for m, _ in outs]), torch.cat([s for _, s in outs])
+
+    def _decode(self, encoded: Encoded, time: torch.Tensor, channel: torch.Tensor, coord: torch.Tensor,
+                offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.query_proj(self.encoding(time, channel, coord))
         if self.neighbours is not None:
             q = q + self.neighbours(time, channel, coord, offsets, encoded.time, encoded.channel, encoded.coord,
                                     encoded.value, encoded.offsets)
         plan = plan_varlen(offsets, self.config.varlen).to(q.device)
         h = self.decoder.queries_to_latents(q, encoded.latents, plan)
-        if self.element_decoder is not None:
-            h = self.element_decoder(h, time, channel, coord, plan, encoded.tokens, encoded.time, encoded.channel,
-                                     encoded.coord, encoded.offsets)
+        if self.local_decoder is not None:
+            h = self.local_decoder(h, time, channel, coord, offsets, encoded.tokens, encoded.time,
+                                   encoded.channel, encoded.coord, encoded.offsets)
         return self.head_outputs(h)
 
     def head_outputs(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

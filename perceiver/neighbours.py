@@ -1,13 +1,14 @@
-"""Same-channel neighbours: for each query, the nearest element of the same record and channel before it and
-after it along an axis (time, or wavelength for a spectrum).
+"""Neighbours along time (or wavelength) within a record: the keys nearest a query on either side.
 
-One implementation serves the interpolation baselines (:mod:`perceiver.baselines`) and the decoder's
-neighbour features (:class:`NeighbourFeatures`, what the baselines see, given to the model's queries).
+One implementation, :func:`key_windows`, serves the interpolation baselines (:mod:`perceiver.baselines`),
+the decoder's neighbour features (:class:`NeighbourFeatures`: what the baselines see, given to the model's
+queries) and the decoder's bounded local attention (:mod:`perceiver.local_attention`: a fixed number of
+nearby visible elements per query).
 
 Keys and queries are packed records with their own offsets. Both are merged and sorted once,
-lexicographically on (record, channel, axes...), keys before queries on ties; the previous key of a query is
-then a running maximum of key positions, the next key a reversed running minimum. No per-record loop and no
-host round trip: it runs where its tensors are.
+lexicographically on (record, group, axes...), keys before queries on ties; a query's window is read off
+its insertion point among the sorted keys. No per-record loop and no host round trip: it runs where its
+tensors are, in O((keys + queries) log(keys + queries)).
 """
 
 from __future__ import annotations
@@ -28,20 +29,26 @@ def segment_ids(offsets: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(counts), device=device), counts.to(device), output_size=n)
 
 
-def same_channel_neighbours(key_offsets: torch.Tensor, key_channel: torch.Tensor, key_axes: list[torch.Tensor],
-                            query_offsets: torch.Tensor, query_channel: torch.Tensor,
-                            query_axes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index (into the keys) of each query's previous and next key of the same record and channel, -1 if
-    none. ``*_axes`` are sort keys, most significant first (e.g. ``[time, coord]``: along time, and along
-    wavelength among elements of one time); NaN sorts last. The previous key is at or before the query (an
-    equal key counts as previous), the next key strictly after. A query whose first axis is not finite (a
-    static element) has no neighbours."""
-    device = key_channel.device
-    nk, nq = len(key_channel), len(query_channel)
+def key_windows(key_offsets: torch.Tensor, key_group: torch.Tensor, key_axes: list[torch.Tensor],
+                query_offsets: torch.Tensor, query_group: torch.Tensor, query_axes: list[torch.Tensor],
+                before: int, after: int) -> torch.Tensor:
+    """(n_queries, before + after) indices into the keys: each query's ``before`` keys at or before it and
+    ``after`` keys strictly after it, in the order of (record, group, axes...), nearest first on each side
+    (columns ``before - 1 .. 0`` going back, ``before .. before + after - 1`` going forward); -1 where the
+    record and group have fewer keys on that side.
+
+    ``*_group`` is an integer per element below :data:`CHANNEL_SPAN` (its channel, or 0 for "any channel");
+    ``*_axes`` are sort keys, most significant first (e.g. ``[time, coord]``: along time, and along
+    wavelength among elements of one time); NaN sorts last. Keys and queries are packed records with their own
+    offsets (B+1, CPU). One merged sort of keys and queries (O((n+m) log(n+m))), then each query's insertion
+    point among the sorted keys gives its window by arithmetic: no per-record loop, no host round trip.
+    """
+    device = key_group.device
+    nk, nq = len(key_group), len(query_group)
     record = torch.cat([segment_ids(key_offsets, device), segment_ids(query_offsets, device)])
-    group = record * CHANNEL_SPAN + torch.cat([key_channel, query_channel]).to(torch.int64)
+    group = record * CHANNEL_SPAN + torch.cat([key_group, query_group]).to(torch.int64)
     # Stable sorts from the least significant key up; keys precede queries in the concatenation, so they
-    # stay first among equals.
+    # stay first among equals (an equal key counts as "at or before").
     order = torch.arange(nk + nq, device=device)
     for k, q in reversed(list(zip(key_axes, query_axes, strict=True))):
         axis = torch.cat([k.to(torch.float64), q.to(torch.float64)])
@@ -49,25 +56,34 @@ def same_channel_neighbours(key_offsets: torch.Tensor, key_channel: torch.Tensor
         order = order[torch.sort(axis[order], stable=True).indices]
     order = order[torch.sort(group[order], stable=True).indices]
     is_key = order < nk
-    pos = torch.arange(nk + nq, device=device)
-    last = torch.where(is_key, pos, -1).cummax(0).values
-    first = torch.where(is_key, pos, nk + nq).flip(0).cummin(0).values.flip(0)
-    g = group[order]
-    qpos = torch.sort(is_key.to(torch.int8), stable=True).indices[:nq]  # no data-dependent size: no GPU sync
-    qidx = order[qpos] - nk
+    split = torch.sort((~is_key).to(torch.int8), stable=True).indices  # keys then queries, merged order kept
+    sorted_keys, qpos = order[split[:nk]], split[nk:]  # no data-dependent size: no GPU sync
+    insertion = torch.cumsum(is_key.to(torch.int64), 0)[qpos]  # keys at or before each query
+    steps = torch.arange(-before, after, device=device)
+    pos = insertion[:, None] + steps[None, :]
+    inside = (pos >= 0) & (pos < nk)
+    pc = pos.clamp(0, max(nk - 1, 0))
+    if nk:
+        inside &= group[sorted_keys[pc]] == group[order[qpos]][:, None]
+        window = torch.where(inside, sorted_keys[pc], -1)
+    else:
+        window = torch.full(pos.shape, -1, dtype=torch.int64, device=device)
+    out = torch.empty_like(window)
+    out[order[qpos] - nk] = window
+    return out
 
-    def pick(p: torch.Tensor) -> torch.Tensor:
-        ok = (p >= 0) & (p < nk + nq)
-        pc = p.clamp(0, nk + nq - 1)
-        ok &= g[pc] == g[qpos]
-        return torch.where(ok, order[pc], -1)
 
-    prev = torch.full((nq,), -1, dtype=torch.int64, device=device)
-    nxt = torch.full((nq,), -1, dtype=torch.int64, device=device)
-    prev[qidx] = pick(last[qpos])
-    nxt[qidx] = pick(first[qpos])
-    static = ~torch.isfinite(query_axes[0])
-    return prev.masked_fill(static, -1), nxt.masked_fill(static, -1)
+def same_channel_neighbours(key_offsets: torch.Tensor, key_channel: torch.Tensor, key_axes: list[torch.Tensor],
+                            query_offsets: torch.Tensor, query_channel: torch.Tensor,
+                            query_axes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index (into the keys) of each query's previous and next key of the same record and channel, -1 if
+    none (:func:`key_windows` of one key on each side). The previous key is at or before the query (an equal
+    key counts as previous), the next key strictly after. A query whose first axis is not finite (a static
+    element) has no neighbours."""
+    window = key_windows(key_offsets, key_channel, key_axes, query_offsets, query_channel, query_axes, 1, 1)
+    static = ~torch.isfinite(query_axes[0])[:, None]
+    window = window.masked_fill(static, -1)
+    return window[:, 0], window[:, 1]
 
 
 class NeighbourFeatures(nn.Module):

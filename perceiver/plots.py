@@ -28,7 +28,8 @@ from perceiver.evaluation import hidden_counts, masked_batch
 from perceiver.inference import Queries, predict
 from perceiver.model import Percival
 
-STYLE = {"model": "C0", "channel_mean": "C2", "forward_fill": "C4", "linear_interpolation": "C1"}
+STYLE = {"model": "C0", "channel_mean": "C2", "per_record_mean": "C8", "forward_fill": "C4",
+         "linear_interpolation": "C1", "gradient_boost": "C5"}
 
 
 def _axis_label(name: str, unit: str) -> str:

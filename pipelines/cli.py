@@ -80,7 +80,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     with prefect_env.api():
         summary = reconstruct_flow(args.store, args.checkpoint, args.out, records_per_shard=args.records_per_shard,
                                    grid_times=args.grid_times, grid_coords=args.grid_coords, workers=args.workers,
-                                   dask_address=args.dask_address, precision=args.precision)
+                                   dask_address=args.dask_address, precision=args.precision, folds=args.folds)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -90,7 +90,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     with prefect_env.api():
         summary = evaluate_flow(args.store, args.checkpoint, args.out, protocols=tuple(args.protocol or ("holdout",)),
-                                seed=args.seed, max_records=args.max_records)
+                                seed=args.seed, max_records=args.max_records, split=args.split)
     print(Path(summary["markdown"]).read_text())
     return 0
 
@@ -157,9 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     rc.add_argument("--workers", type=int, default=1, help="local Dask worker processes (default 1: no Dask)")
     rc.add_argument("--dask-address", default=None, help="an existing Dask scheduler, e.g. tcp://host:8786")
     rc.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    rc.add_argument("--folds", type=int, default=5, metavar="K",
+                    help="out-of-sample folds per record: each element also predicted with its fold hidden, "
+                         "and its residual_z, at ~K x the encoder cost (default 5; 0 or 1: off)")
     rc.set_defaults(fn=cmd_reconstruct)
 
-    ev = sub.add_parser("evaluate", help="score a model and honest baselines on hidden test elements")
+    ev = sub.add_parser("evaluate", help="score a model and honest baselines on hidden test (or val) elements")
     ev.add_argument("store")
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--out", required=True, help="directory for evaluation.md, evaluation.json and PNG plots")
@@ -168,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(e.g. modality:labs); repeatable; default holdout")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--max-records", type=int, default=None, help="limit each split to its first N records")
+    ev.add_argument("--split", choices=["val", "test"], default="test",
+                    help="the split scored: test (default; to report) or val (to choose models and settings; "
+                         "the baselines' sigma is then fitted on train)")
     ev.set_defaults(fn=cmd_evaluate)
 
     demo = sub.add_parser("demo", help="ingest, train, reconstruct and evaluate on the bundled real samples")

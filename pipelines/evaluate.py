@@ -1,19 +1,23 @@
 """The ``evaluate`` Prefect flow: the fixed, seeded held-out protocol of :mod:`perceiver.evaluation`.
 
 For each protocol (``holdout``: 30 % of every record's elements hidden at random; ``modality:NAME``: one whole
-modality hidden) the trained model and three baselines (channel mean of the train split, forward fill,
-per-record per-channel linear interpolation in time) predict exactly the same hidden elements of the test
-split; the baselines' constant σ per channel is fitted on the validation split's hidden elements first.
+modality hidden) the trained model and five baselines (channel mean of the train split, per-record mean,
+forward fill, per-record per-channel linear interpolation in time, and gradient boosting trained on the train
+split with the decoder's evidence) predict exactly the same hidden elements of the scored split (``split``:
+``test`` by default; ``val`` for choosing models and settings without touching test). The baselines'
+constant σ per channel is fitted first on the hidden elements of another split: ``val`` when test is scored,
+the train records held out of the gradient-boost fit when val is scored (:mod:`perceiver.evaluation`).
 
 Tasks: ``plan`` (check the protocols against the store and the checkpoint), ``channel-means`` (the train
 split's mean normalised value per channel, for the channel-mean baseline), ``evaluate-PROTOCOL`` (all the
 numbers of one protocol: a small dict), ``plots-PROTOCOL`` (records with observed points, hidden points, the
 model's mean and σ bands, linear interpolation; the calibration curve), ``report`` (``evaluation.md``,
-``evaluation.json``, and the artifacts: a Markdown report, a table of every protocol × method, and the plots
-as image artifacts).
+``evaluation.json`` (which split was scored, and per protocol every method's numbers and evidence), and the
+artifacts: a Markdown report, a table of every protocol × method, and the plots as image artifacts).
 
     from pipelines.evaluate import evaluate_flow
-    evaluate_flow("physionet.zarr", "runs/physionet", "reports/physionet")
+    evaluate_flow("physionet.zarr", "runs/physionet", "reports/physionet")                # test split
+    evaluate_flow("physionet.zarr", "runs/physionet", "reports/physionet-val", split="val")  # for selection
 """
 
 from __future__ import annotations
@@ -69,14 +73,17 @@ def channel_means_task(store: str) -> list[float]:
 
 @task(retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io, task_run_name="evaluate-{protocol}")
 def evaluate_task(store: str, checkpoint: str, protocol: str, seed: int, max_records: int | None,
-                  means: list[float]) -> dict:
+                  means: list[float], split: str = "test", gradient_boost_elements: int | None = None) -> dict:
+    from perceiver.baselines import GRADIENT_BOOST_MAX_ELEMENTS
     from perceiver.checkpoint import load
     from perceiver.evaluation import evaluate_protocol
 
     model, config = load(checkpoint)
-    result = evaluate_protocol(store, model, config, protocol, seed=seed, max_records=max_records, means=means)
-    get_run_logger().info("%s: %d hidden elements of %d test records scored", protocol, result.n_elements,
-                          result.n_records)
+    result = evaluate_protocol(store, model, config, protocol, seed=seed, max_records=max_records, means=means,
+                               score_split=split,
+                               gradient_boost_elements=gradient_boost_elements or GRADIENT_BOOST_MAX_ELEMENTS)
+    get_run_logger().info("%s: %d hidden elements of %d %s records scored; gradient_boost: %s", protocol,
+                          result.n_elements, result.n_records, split, result.evidence.get("gradient_boost"))
     return result.to_dict()
 
 
@@ -121,7 +128,7 @@ def _image_url(path: Path) -> str:
 
 @task(name="report", task_run_name="report")
 def report_task(results: list[dict], plots: dict[str, list[str]], out_dir: str, store: str, checkpoint: str,
-                seed: int, max_records: int | None) -> dict:
+                seed: int, max_records: int | None, split: str = "test") -> dict:
     from perceiver.checkpoint import WEIGHTS
     from perceiver.evaluation import Protocol, ProtocolResult, report_markdown, table_rows
 
@@ -132,7 +139,8 @@ def report_task(results: list[dict], plots: dict[str, list[str]], out_dir: str, 
     md_path, json_path = out / "evaluation.md", out / "evaluation.json"
     md_path.write_text(markdown + "\n")
     doc = {"store": store, "checkpoint": checkpoint, "checkpoint_sha256": _sha256(Path(checkpoint) / WEIGHTS),
-           "seed": seed, "max_records": max_records, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+           "split": split, "seed": seed, "max_records": max_records,
+           "created": datetime.now(UTC).isoformat(timespec="seconds"),
            "protocols": results, "plots": names}
     json_path.write_text(json.dumps(doc, indent=1, default=float) + "\n")
 
@@ -141,14 +149,14 @@ def report_task(results: list[dict], plots: dict[str, list[str]], out_dir: str, 
     create_markdown_artifact(report_markdown(res, store, checkpoint, listing, embed=False),
                              key="evaluation-report", description=f"evaluate {checkpoint} on {store}")
     create_table_artifact(table_rows(res), key="evaluation-summary",
-                          description="normalised MSE, MAE, NLL, 68/95 % coverage on the test split's hidden "
+                          description=f"normalised MSE, MAE, NLL, 68/95 % coverage on the {split} split's hidden "
                                       "elements, per protocol and method")
     for protocol, paths in plots.items():
         for p in paths:
             kind = Path(p).stem.rsplit("-", 1)[-1]
             create_image_artifact(_image_url(Path(p)), key=f"evaluation-{Protocol.parse(protocol).slug}-{kind}",
                                   description=f"{protocol}: {Path(p).name}")
-    return {"markdown": str(md_path), "json": str(json_path), "out_dir": str(out),
+    return {"markdown": str(md_path), "json": str(json_path), "out_dir": str(out), "split": split,
             "plots": [p for paths in plots.values() for p in paths],
             "protocols": {r.protocol: {"n_records": r.n_records, "n_elements": r.n_elements,
                                        "mse": {m: r.metrics[m].get("overall", {}).get("mse") for m in r.metrics},
@@ -162,11 +170,17 @@ def _ratio(result) -> float | None:
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(store: str, checkpoint: str, out_dir: str, protocols: tuple[str, ...] | list[str] = (
-        "holdout", "modality:labs"), seed: int = 0, max_records: int | None = None) -> dict:
+        "holdout", "modality:labs"), seed: int = 0, max_records: int | None = None, split: str = "test",
+        gradient_boost_elements: int | None = None) -> dict:
     """Evaluate the checkpoint in ``checkpoint`` on the store at ``store`` under each protocol (``holdout``,
-    ``holdout:FRACTION``, ``modality:NAME``); write ``evaluation.md``, ``evaluation.json`` and PNG plots into
-    ``out_dir``; publish them as artifacts. ``max_records`` limits each split to its first records (a quick
-    look). Returns a small summary: files, and per protocol the counts and the overall MSE per method."""
+    ``holdout:FRACTION``, ``modality:NAME``) on the ``split`` split (``test``, or ``val`` to choose models and
+    settings); write ``evaluation.md``, ``evaluation.json`` and PNG plots into ``out_dir``; publish them as
+    artifacts. ``max_records`` limits each split to its first records (a quick look);
+    ``gradient_boost_elements`` caps the gradient-boost baseline's training elements (default
+    :data:`perceiver.baselines.GRADIENT_BOOST_MAX_ELEMENTS`). Returns a small summary: files, the split, and
+    per protocol the counts and the overall MSE per method."""
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     t0 = time.perf_counter()
     logger = get_run_logger()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -174,10 +188,10 @@ def evaluate_flow(store: str, checkpoint: str, out_dir: str, protocols: tuple[st
     means = channel_means_task(store)
     results, plots = [], {}
     for name in names:
-        result = evaluate_task(store, checkpoint, name, seed, max_records, means)
+        result = evaluate_task(store, checkpoint, name, seed, max_records, means, split, gradient_boost_elements)
         plots[name] = plots_task(store, checkpoint, name, seed, max_records, means, result, out_dir)
         results.append(result)
-    summary = report_task(results, plots, out_dir, store, checkpoint, seed, max_records)
+    summary = report_task(results, plots, out_dir, store, checkpoint, seed, max_records, split)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     logger.info("evaluation written to %s", summary["markdown"])
     return summary

@@ -2,7 +2,11 @@
 
 Tasks: ``plan`` (shards of input records not yet reconstructed), ``reconstruct-shard-A-B`` (load the
 checkpoint, reconstruct records A..B, stage the arrays as .npz; retried on I/O errors), ``commit-A-B``
-(append the staged shard to the output store, in shard order). Shards run in ``workers`` local processes
+(append the staged shard to the output store, in shard order). With ``folds`` >= 2 (default 5) every
+observed element also gets an out-of-sample reconstruction made with its fold of the record hidden, and a
+standardised residual ``residual_z`` to scan the archive for anomalies (see
+:mod:`perceiver.reconstruction`); ``folds`` is part of the output's provenance and a re-run into the same
+output must use the same value. Shards run in ``workers`` local processes
 (a local Dask cluster) or on an existing Dask cluster (``dask_address``) through ``DaskTaskRunner``; every
 worker reports to this flow's Prefect API. A killed run re-run skips the shards already committed, and the
 result equals an uninterrupted run (inference is deterministic; commits are in order). New records appended
@@ -24,7 +28,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from datasets.store import open_store
-from datasets.store.reconstruction import ReconstructionWriter, file_sha256, reconstruction_arrays
+from datasets.store.appendable import StoreError
+from datasets.store.reconstruction import (
+    ReconstructionWriter,
+    committed_meta,
+    file_sha256,
+    reconstruction_arrays,
+    store_folds,
+)
 from pipelines import prefect_env
 from pipelines.retries import retry_on_io
 
@@ -51,7 +62,7 @@ def plan_task(store: str, out: str, records_per_shard: int) -> list[tuple[int, i
 @task(retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io,
       task_run_name="reconstruct-shard-{start}-{stop}")
 def reconstruct_shard_task(store: str, checkpoint: str, start: int, stop: int, staging: str, grid: dict,
-                           max_tokens: int, precision: str, threads: int) -> str:
+                           max_tokens: int, precision: str, threads: int, folds: int = 0) -> str:
     import torch
 
     from perceiver.checkpoint import load
@@ -64,7 +75,8 @@ def reconstruct_shard_task(store: str, checkpoint: str, start: int, stop: int, s
         model, _ = load(checkpoint)
         elements = s.read(start, stop)
         dtype = torch.bfloat16 if precision == "bf16" else None
-        r = reconstruct(model, elements, s.channels, GridSpec(**grid), max_tokens=max_tokens, dtype=dtype)
+        r = reconstruct(model, elements, s.channels, GridSpec(**grid), max_tokens=max_tokens, dtype=dtype,
+                        folds=folds)
     finally:
         torch.set_num_threads(caller_threads)
     path = os.path.join(staging, f"shard-{start:09d}-{stop:09d}.npz")
@@ -86,10 +98,18 @@ def commit_task(out: str, provenance: dict, d_latent: int, start: int, stop: int
 @flow(name="reconstruct", log_prints=True)
 def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: int = 2000, grid_times: int = 64,
                      grid_coords: int = 0, grid_channels: list[str] | None = None, workers: int = 1,
-                     dask_address: str | None = None, precision: str = "fp32", max_tokens: int = 16_384) -> dict:
-    """Reconstruct every record of ``store`` with the model in ``checkpoint`` into the Zarr store ``out``."""
+                     dask_address: str | None = None, precision: str = "fp32", max_tokens: int = 16_384,
+                     folds: int = 5) -> dict:  # = perceiver.reconstruction.DEFAULT_FOLDS (torch-free import)
+    """Reconstruct every record of ``store`` with the model in ``checkpoint`` into the Zarr store ``out``.
+
+    ``folds`` >= 2 adds the out-of-sample outputs (``mean_oos``, ``sigma_oos``, their normalised versions
+    and ``residual_z``) at about ``folds`` times the encoder cost; 0 or 1 leaves them out."""
     t0 = time.perf_counter()
     from perceiver.checkpoint import load
+
+    if folds < 0:
+        raise ValueError(f"folds must be >= 0 (0 or 1: no out-of-sample outputs), got {folds}")
+    folds = folds if folds >= 2 else 0
 
     model, config = load(checkpoint)
     provenance = {
@@ -98,8 +118,12 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
         "checkpoint_sha256": file_sha256(Path(checkpoint) / "model.safetensors"),
         "model_config": config.to_dict(), "code_version": code_version(),
         "grid": {"n_times": grid_times, "n_coords": grid_coords, "channels": grid_channels},
-        "precision": precision,
+        "precision": precision, "folds": folds,
     }
+    existing = committed_meta(out)
+    if existing and store_folds(existing) != folds:
+        raise StoreError(f"{out} holds reconstructions with folds={store_folds(existing)}, not {folds}: "
+                         "choose another output or the same folds")
     shards = plan_task(store, out, records_per_shard)
     grid = provenance["grid"]
     done = 0
@@ -109,7 +133,8 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
         try:
             threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
             args = {"store": store, "checkpoint": checkpoint, "staging": staging, "grid": grid,
-                    "max_tokens": max_tokens, "precision": precision, "threads": threads}
+                    "max_tokens": max_tokens, "precision": precision, "threads": threads,
+                    "folds": folds}
             with prefect_env.workers_share_api():
                 for (a, b), path in zip(shards, _run_shards(shards, args, workers, dask_address), strict=True):
                     done += commit_task(out, provenance, model.config.d_latent, a, b, path)

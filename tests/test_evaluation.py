@@ -21,11 +21,13 @@ from perceiver.evaluation import (
     ProtocolResult,
     baseline_predictions,
     coverage_curve,
+    evaluate_protocol,
     fit_constant_sigma,
     hidden_elements,
     load_split,
     masked_batch,
     model_predictions,
+    reserved_records,
     score,
     split_plan,
     train_channel_means,
@@ -67,6 +69,9 @@ def test_baselines_on_hand_made_records():
     pred = baseline_predictions(ds, hidden, MEANS)
     # hidden, in packed order: r0 a@1, b@1.5, a@3; r1 a@2, static s
     np.testing.assert_allclose(pred["channel_mean"], [1, 15, 1, 1, 50])
+    # mean of the record's visible values of the channel: r0 a (1, 5), r0 b (10), r1 a (0, 8); static -> mean
+    np.testing.assert_allclose(pred["per_record_mean"], [3, 10, 3, 4, 50])
+    assert "gradient_boost" not in pred  # it needs a model trained on the train split
     # last visible value of the same record and channel at or before the time; static -> channel mean
     np.testing.assert_allclose(pred["forward_fill"], [1, 10, 5, 0, 50])
     # a@1 between (0, 1) and (2, 5): 3; b@1.5 after the last b: 10; a@3 after the last a: 5;
@@ -229,13 +234,17 @@ def test_evaluate_flow_end_to_end(physionet_run):
 
     md = (out / "evaluation.md").read_text()
     for method in METHODS:
-        assert f"| {method} |" in md
+        assert f"| {method} |" in md and f"- `{method}`: " in md  # a row and what it sees
     assert "## Protocol `holdout`" in md and "## Protocol `modality:labs`" in md
     assert "val-split records" in md and "scored on the test split" in md  # where sigma was fitted, scored
+    assert "| channel | model | lin. interp. | fwd fill | record mean | channel mean | grad. boost | n |" in md
     doc = json.loads((out / "evaluation.json").read_text())
+    assert doc["split"] == "test" and summary["split"] == "test"
     results = {r["protocol"]: ProtocolResult.from_dict(r) for r in doc["protocols"]}
     assert set(results) == {"holdout", "modality:labs"}
     for r in results.values():
+        assert list(r.evidence) == list(METHODS) and "train-split records" in r.evidence["gradient_boost"]
+        assert (r.score_split, r.fit_split) == ("test", "val")
         table = r.table()
         assert list(table.index) == list(METHODS) and (table["n"] == r.n_elements).all() and r.n_elements > 0
         assert np.isfinite(table[["mse", "mae", "nll", "coverage68", "coverage95"]].to_numpy()).all()
@@ -273,7 +282,7 @@ def test_evaluate_flow_end_to_end(physionet_run):
                                      "evaluation-modality-labs-records"}
     table = next(a for a in mine if a.type == "table").data
     rows = json.loads(table) if isinstance(table, str) else table
-    assert len(rows) == 8 and {r["method"] for r in rows} == set(METHODS)
+    assert len(rows) == 2 * len(METHODS) and {r["method"] for r in rows} == set(METHODS)
 
 
 def test_flow_rejects_an_unknown_modality_before_any_work(physionet_run, tmp_path):
@@ -283,3 +292,77 @@ def test_flow_rejects_an_unknown_modality_before_any_work(physionet_run, tmp_pat
     with pytest.raises(ValueError, match="no modality 'spectrum'"):
         evaluate_flow(store, checkpoint, str(tmp_path / "x"), protocols=("modality:spectrum",))
     assert not list((tmp_path / "x").glob("*.png"))
+
+
+def test_evaluate_protocol_on_val_fits_sigma_on_reserved_train_records_and_never_reads_test(physionet_run,
+                                                                                           monkeypatch):
+    import perceiver.evaluation as evaluation
+    from datasets.store import open_store
+    from perceiver.checkpoint import load
+
+    store, checkpoint, _ = physionet_run
+    st = open_store(store)
+    model, config = load(checkpoint)
+    loaded = []
+
+    def spy(store_, split, *args, **kwargs):
+        loaded.append(split)
+        return load_split(store_, split, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "load_split", spy)
+    means = train_channel_means(st)
+    r = evaluate_protocol(st, model, config, "holdout", seed=0, means=means, score_split="val",
+                          gradient_boost_elements=3000, gradient_boost_params={"max_iter": 30})
+    assert "test" not in loaded and (r.score_split, r.fit_split) == ("val", "train")
+    table = r.table()
+    assert list(table.index) == list(METHODS) and (table["n"] == r.n_elements).all()
+    assert np.isfinite(table[["mse", "nll", "coverage95"]].to_numpy()).all()
+    assert list(r.evidence) == list(METHODS) and "3,000 hidden elements" in r.evidence["gradient_boost"]
+    assert "held out of the gradient-boost fit" in r.sigma_source
+
+    val = load_split(st, "val")
+    assert r.n_elements == int(split_plan(val, "holdout", seed=0, split="val").sum())
+    # the baselines' sigma: fitted on the reserved train records' hidden elements only
+    train = load_split(st, "train")
+    reserved = reserved_records(len(train), 0)[np.repeat(np.arange(len(train)), train.lengths)]
+    plan = split_plan(train, "holdout", seed=0, split="train")
+    fit = plan & reserved
+    assert r.n_fit_elements == int(fit.sum()) > 0
+    pred = baseline_predictions(train, fit, means, visible=~plan)["forward_fill"]
+    hr = train.channel[fit] == 0
+    rms = math.sqrt(np.mean((train.value[fit][hr] - pred[hr]) ** 2))
+    assert r.baseline_sigma["forward_fill"]["HR"] == pytest.approx(rms, rel=1e-6)
+    with pytest.raises(ValueError, match="cannot be fitted on the split it is scored on"):
+        evaluate_protocol(st, model, config, "holdout", means=means, fit_split="val", score_split="val")
+
+
+def test_evaluate_flow_and_cli_score_the_val_split(physionet_run, monkeypatch, capsys):
+    import pipelines.evaluate as evaluate
+    from pipelines import prefect_env
+    from pipelines.cli import main
+
+    store, checkpoint, root = physionet_run
+    out = root / "report-val"
+    summary = evaluate.evaluate_flow(store, checkpoint, str(out), protocols=("holdout",), split="val",
+                                     max_records=40, gradient_boost_elements=2000)
+    doc = json.loads((out / "evaluation.json").read_text())
+    assert doc["split"] == "val" == summary["split"]
+    (r,) = [ProtocolResult.from_dict(p) for p in doc["protocols"]]
+    assert (r.score_split, r.fit_split) == ("val", "train") and r.n_elements > 0
+    md = (out / "evaluation.md").read_text()
+    assert "Validation split scored" in md and "val-split records" in md and "scored on the val split" in md
+
+    # the command line passes --split through (the flow itself is the one run above)
+    calls = []
+
+    def fake_flow(*args, **kwargs):
+        calls.append(kwargs)
+        return {"markdown": str(out / "evaluation.md")}
+
+    monkeypatch.setattr(evaluate, "evaluate_flow", fake_flow)
+    monkeypatch.setattr(prefect_env, "start_api_early", lambda: None)
+    assert main(["evaluate", store, "--checkpoint", checkpoint, "--out", str(out), "--split", "val"]) == 0
+    assert main(["evaluate", store, "--checkpoint", checkpoint, "--out", str(out)]) == 0
+    assert [c["split"] for c in calls] == ["val", "test"]
+    with pytest.raises(SystemExit):
+        main(["evaluate", store, "--checkpoint", checkpoint, "--out", str(out), "--split", "train"])

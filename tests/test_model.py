@@ -12,7 +12,7 @@ import torch
 from datasets.loader import Batch, ElementDataset, MaskingConfig
 from datasets.loader.synthetic import synthetic_elements
 from perceiver import checkpoint
-from perceiver.attention import attend_packed_keys, attend_packed_pairs, plan_varlen
+from perceiver.attention import attend_packed_keys, plan_varlen
 from perceiver.config import ModelConfig, RunConfig, TrainConfig, fit_data_statistics
 from perceiver.inference import Queries, predict
 from perceiver.model import ModelOutput, Percival, subset_offsets
@@ -124,19 +124,83 @@ def test_permutation_invariance(data):
     torch.testing.assert_close(model(rev).latents.flip(0), model(fwd).latents, atol=ATOL, rtol=1e-5)
 
 
-def test_packed_queries_to_packed_keys_match_one_record_at_a_time():
-    """The decoder's element attention: each record's queries see only that record's keys (none: zeros)."""
+def test_key_windows_match_a_per_record_search():
+    """Each query's window: the keys of its record (and group) nearest before (at or before) and after it,
+    in (time, coord) order, nearest first on each side; -1 beyond the record's keys."""
+    from perceiver.neighbours import key_windows
+
+    rng = np.random.default_rng(3)
+    k_lens, q_lens = [5, 0, 9, 3], [4, 2, 6, 5]
+    ko, qo = (torch.from_numpy(np.concatenate([[0], np.cumsum(x)])) for x in (k_lens, q_lens))
+    nk, nq = int(ko[-1]), int(qo[-1])
+    k_time = torch.from_numpy(rng.integers(0, 6, nk).astype(np.float64))
+    q_time = torch.from_numpy(rng.integers(0, 6, nq).astype(np.float64))
+    k_coord, q_coord = torch.from_numpy(rng.random(nk)), torch.from_numpy(rng.random(nq))
+    k_group, q_group = torch.from_numpy(rng.integers(0, 2, nk)), torch.from_numpy(rng.integers(0, 2, nq))
+    got = key_windows(ko, k_group, [k_time, k_coord], qo, q_group, [q_time, q_coord], 2, 3)
+    for b in range(len(k_lens)):
+        for j in range(int(qo[b]), int(qo[b + 1])):
+            keys = [i for i in range(int(ko[b]), int(ko[b + 1])) if k_group[i] == q_group[j]]
+            keys.sort(key=lambda i: (float(k_time[i]), float(k_coord[i])))
+            before = [i for i in keys if (k_time[i], k_coord[i]) <= (q_time[j], q_coord[j])]
+            after = [i for i in keys if (k_time[i], k_coord[i]) > (q_time[j], q_coord[j])]
+            expected = ([-1, -1] + before)[-2:] + (after + [-1, -1, -1])[:3]
+            assert got[j].tolist() == expected
+
+
+def test_local_decoder_reads_only_a_bounded_neighbourhood(data):
+    """A query's prediction does not change when a visible element outside its windows changes: the decoder's
+    cost per query is fixed, whatever the record's length."""
+    elements, channels, ds = data
+    config = fit_data_statistics(ModelConfig.preset("tiny", decoder_local_time=2, decoder_local_channel=1,
+                                                    decoder_neighbours=False), elements, channels)
     torch.manual_seed(0)
-    for q_lens, k_lens in [([3, 5, 2, 7], [4, 1, 6, 2]), ([4, 4, 4], [2, 3, 0]), ([1, 9, 2, 2, 6], [5] * 5)]:
-        qo, ko = (torch.from_numpy(np.concatenate([[0], np.cumsum(x)])) for x in (q_lens, k_lens))
-        q, k, v = torch.randn(int(qo[-1]), 2, 5), torch.randn(int(ko[-1]), 2, 5), torch.randn(int(ko[-1]), 2, 3)
-        expected = torch.cat([
-            torch.nn.functional.scaled_dot_product_attention(
-                q[qo[b]:qo[b + 1]].transpose(0, 1), k[ko[b]:ko[b + 1]].transpose(0, 1),
-                v[ko[b]:ko[b + 1]].transpose(0, 1)).transpose(0, 1) if k_lens[b] else torch.zeros(q_lens[b], 2, 3)
-            for b in range(len(q_lens))])
-        for mode in ("auto", "padded", "loop"):
-            torch.testing.assert_close(attend_packed_pairs(q, k, v, plan_varlen(qo, mode), ko), expected)
+    model = Percival(config).eval()
+    batch = ds.collate([3])  # 120 elements
+    n = batch.n_elements
+    with torch.no_grad():
+        encoded = model.encode(batch.time, batch.channel, batch.coord, batch.value, batch.error, batch.offsets)
+        q = slice(60, 61)
+        window = model.local_decoder.neighbourhood(batch.time[q], batch.channel[q], batch.coord[q],
+                                                   torch.tensor([0, 1]), batch.time, batch.channel, batch.coord,
+                                                   batch.offsets)
+        assert 0 < int((window >= 0).sum()) <= 6
+        mean, _ = model.decode(encoded, batch.time[q], batch.channel[q], batch.coord[q], torch.tensor([0, 1]))
+        outside = torch.ones(n, dtype=torch.bool)
+        outside[window[window >= 0]] = False
+        noise = torch.randn_like(encoded.tokens)  # not a constant shift: the keys' LayerNorm would remove it
+        tokens = torch.where(outside[:, None], encoded.tokens + noise, encoded.tokens)
+        changed = dataclasses.replace(encoded, tokens=tokens)
+        mean2, _ = model.decode(changed, batch.time[q], batch.channel[q], batch.coord[q], torch.tensor([0, 1]))
+        torch.testing.assert_close(mean2, mean)
+        inside = torch.where(~outside[:, None], encoded.tokens + noise, encoded.tokens)
+        mean3, _ = model.decode(dataclasses.replace(encoded, tokens=inside), batch.time[q], batch.channel[q],
+                                batch.coord[q], torch.tensor([0, 1]))
+        assert not torch.allclose(mean3, mean)
+
+
+def test_chunked_inference_equals_one_pass(data, monkeypatch):
+    """Without gradients the queries run in chunks (bounded memory); the result is the same."""
+    import perceiver.model as model_module
+
+    _, _, ds = data
+    model = make_model(data)
+    batch = ds.collate(np.arange(len(ds)))
+    whole = predict(model, batch)
+    monkeypatch.setattr(model_module, "QUERY_CHUNK", 37)
+    chunked = predict(model, batch)
+    torch.testing.assert_close(chunked.mean, whole.mean, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(chunked.sigma, whole.sigma, atol=ATOL, rtol=1e-5)
+
+
+def test_configs_of_the_retired_quadratic_decoder_are_refused_clearly():
+    data = RunConfig().to_dict()
+    data["model"].pop("decoder_local_heads")
+    data["model"]["decoder_element_heads"] = 4
+    with pytest.raises(ValueError, match="O\\(N\\^2\\)"):
+        RunConfig.from_dict(data)
+    data["model"]["decoder_element_heads"] = 0
+    assert RunConfig.from_dict(data).model.decoder_local_heads == RunConfig().model.decoder_local_heads
 
 
 def test_hidden_elements_do_not_leak_into_the_encoder(data):
@@ -310,3 +374,23 @@ def test_config_fields_are_type_checked():
     data["model"]["share_weights"] = 1
     with pytest.raises(ValueError, match="ModelConfig.share_weights must be bool"):
         RunConfig.from_dict(data)
+
+
+def test_one_visible_element_or_none_of_a_channel_still_gets_a_prediction_and_an_interval(data):
+    """A record with a single visible element, and queries of channels the record never shows, get a finite
+    mean and sigma (the null element and the latents answer where no neighbour exists)."""
+    _, _, ds = data
+    model = make_model(data)
+    batch = ds.collate([0, 6])  # 3 and 2 elements (plus the static age)
+    visible = torch.zeros(batch.n_elements, dtype=torch.bool)
+    visible[batch.offsets[:-1]] = True  # one visible element per record
+    batch = dataclasses.replace(batch, visible=visible, target=~visible)
+    n_channels = model.config.n_channels
+    grid = Queries.from_arrays(np.repeat(batch.t_ref.numpy(), n_channels) + 1.0, np.tile(np.arange(n_channels), 2),
+                               np.nan, counts=[n_channels, n_channels])
+    for queries in (None, grid):
+        pred = predict(model, batch, queries)
+        assert torch.isfinite(pred.mean).all() and torch.isfinite(pred.sigma).all()
+        assert (pred.sigma > 0).all()
+    out = model(batch)
+    assert torch.isfinite(out.mean).all() and torch.isfinite(out.log_sigma).all()

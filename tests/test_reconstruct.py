@@ -1,7 +1,9 @@
-"""The reconstruct flow: aligned outputs, provenance, kill -9 then resume, the Dask path; the train flow."""
+"""The reconstruct flow: aligned outputs, provenance, kill -9 then resume, the Dask path; the train flow.
+Out-of-sample reconstructions: blind to the element's own value, deterministic folds, outliers stand out."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -12,9 +14,17 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from datasets.normalise import denormalise
-from datasets.store import open_store
-from datasets.store.reconstruction import open_reconstruction
+from datasets.format import ElementSet
+from datasets.normalise import denormalise, normalise
+from datasets.store import StoreError, open_store
+from datasets.store.reconstruction import (
+    OOS_ARRAYS,
+    ReconstructionWriter,
+    open_reconstruction,
+    reconstruction_arrays,
+)
+from perceiver.checkpoint import load
+from perceiver.reconstruction import DEFAULT_FOLDS, fold_assignment, reconstruct
 from pipelines.reconstruct import reconstruct_flow
 
 
@@ -42,9 +52,21 @@ def test_reconstruct_writes_aligned_outputs_with_provenance(tmp_path, physionet_
     assert meta["checkpoint_sha256"] and meta["model_config"]["model"]["d_latent"] == 32 and meta["code_version"]
     ds = xr.open_zarr(out)
     assert ds.sizes["element"] == store.n_elements and ds["row_size"].attrs["sample_dimension"] == "element"
+    # out-of-sample outputs (default folds) beside the in-sample ones, on the element dimension
+    assert meta["folds"] == DEFAULT_FOLDS
+    for name in OOS_ARRAYS:
+        assert ds[name].dims == ("element",) and ds[name].attrs["long_name"] and len(r[name]) == store.n_elements
+    assert ds["residual_z"].attrs["units"] == ds["mean_oos_normalised"].attrs["units"] == "1"
+    multi = np.repeat(store.records["row_size"].to_numpy() >= 2, store.records["row_size"].to_numpy())
+    assert np.isfinite(r["mean_oos"][multi]).all() and (r["sigma_oos"][multi] > 0).all()
+    np.testing.assert_allclose(ds["residual_z"].values, r["residual_z"])
+    m, s = denormalise(r["mean_oos_normalised"], r["sigma_oos_normalised"], ch, store.channels)
+    np.testing.assert_allclose(m, r["mean_oos"], rtol=1e-5)
 
     again = reconstruct_flow(physionet_sample_store, tiny_checkpoint, out, records_per_shard=128, grid_times=5)
     assert again["shards"] == 0 and open_reconstruction(out)["content_hash"] == r["content_hash"]
+    with pytest.raises(StoreError, match="folds"):  # other folds would mix two kinds of output in one store
+        reconstruct_flow(physionet_sample_store, tiny_checkpoint, out, records_per_shard=128, grid_times=5, folds=0)
 
 
 KILL_SCRIPT = """
@@ -91,3 +113,131 @@ def test_dask_two_workers_equals_single_process(tmp_path, physionet_sample_store
                                workers=2)
     assert summary["records"] == 300
     assert open_reconstruction(one)["content_hash"] == open_reconstruction(two)["content_hash"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# out-of-sample reconstructions
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoint):
+    return load(tiny_checkpoint)[0]
+
+
+def _with_values(elements: ElementSet, index: np.ndarray, shift_z: float, channels) -> ElementSet:
+    """``elements`` with the values at ``index`` moved by ``shift_z`` normalised units (channel spreads)."""
+    ch = elements.channel[index].astype(np.int64)
+    z, _ = normalise(elements.value[index], elements.error[index], ch, channels)
+    value = elements.value.copy()
+    value[index] = denormalise(z + shift_z, np.zeros_like(z), ch, channels)[0]
+    return dataclasses.replace(elements, value=value)
+
+
+def test_out_of_sample_prediction_ignores_the_elements_own_value(physionet_sample_store, tiny_model):
+    store = open_store(physionet_sample_store)
+    elements = store.read(0, 40)
+    hr = int(np.flatnonzero(store.channels["name"].astype(str).to_numpy() == "HR")[0])
+    i = int(elements.offsets[3]) + 17 + int(np.flatnonzero(elements.channel[elements.offsets[3] + 17:] == hr)[0])
+    assert i < elements.offsets[4]  # a heart rate of the 4th record
+    changed = _with_values(elements, np.array([i]), 25.0, store.channels)
+    a = reconstruct(tiny_model, elements, store.channels, folds=4)
+    b = reconstruct(tiny_model, changed, store.channels, folds=4)
+    assert a.folds == 4 and a.mean_oos is not None and a.fold[i] == b.fold[i]
+    # the element and every element of its record's fold were predicted without it: bitwise the same
+    same_pass = np.zeros(elements.n_elements, bool)
+    same_pass[elements.offsets[3]:elements.offsets[4]] = True
+    same_pass &= a.fold == a.fold[i]
+    for name in ("mean_oos", "sigma_oos", "mean_oos_normalised", "sigma_oos_normalised"):
+        np.testing.assert_array_equal(getattr(a, name)[same_pass], getattr(b, name)[same_pass])
+    # the in-sample reconstruction saw the value, the others of the record saw it too
+    assert a.mean_normalised[i] != b.mean_normalised[i]
+    other_folds = np.zeros(elements.n_elements, bool)
+    other_folds[elements.offsets[3]:elements.offsets[4]] = True
+    other_folds &= a.fold != a.fold[i]
+    assert (a.mean_oos_normalised[other_folds] != b.mean_oos_normalised[other_folds]).any()
+    # the residual is the new value's against the same prediction
+    assert b.residual_z[i] - a.residual_z[i] == pytest.approx(25.0 / np.sqrt(a.sigma_oos_normalised[i] ** 2
+                                                                              + _e2(elements, i, store)), rel=1e-3)
+
+
+def _e2(elements: ElementSet, i: int, store) -> float:
+    _, e = normalise(elements.value[[i]], elements.error[[i]], elements.channel[[i]].astype(np.int64),
+                     store.channels)
+    return float(np.nan_to_num(e, nan=0.0)[0] ** 2)
+
+
+def test_folds_are_deterministic_and_independent_of_batching(physionet_sample_store, tiny_model):
+    store = open_store(physionet_sample_store)
+    ids, sizes = store.records["record_id"].astype(str).to_numpy(), store.records["row_size"].to_numpy()
+    fold = fold_assignment(ids, sizes, 5)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    # balanced per record (sizes differ by at most one): every fold leaves a record of >= 2 elements visible
+    rec = np.repeat(np.arange(len(ids)), sizes)
+    counts = np.bincount(rec * 5 + fold, minlength=5 * len(ids)).reshape(-1, 5)
+    assert (counts.max(1) - counts.min(1) <= 1).all() and (counts.max(1) < sizes).all()
+    # a record's folds depend on its id and length only: reversed record order gives each the same folds
+    rev = fold_assignment(ids[::-1], sizes[::-1], 5)
+    rev_offsets = np.concatenate([[0], np.cumsum(sizes[::-1])])
+    for r in (0, 17, 299):
+        j = len(ids) - 1 - r
+        np.testing.assert_array_equal(fold[offsets[r]:offsets[r + 1]],
+                                      rev[rev_offsets[j]:rev_offsets[j + 1]])
+    assert not np.array_equal(fold_assignment(ids, sizes, 5, seed=1), fold)
+
+    whole = reconstruct(tiny_model, store.read(0, 120), store.channels, folds=5)
+    parts = [reconstruct(tiny_model, store.read(a, b), store.channels, folds=5, max_tokens=m)
+             for a, b, m in ((0, 50, 16_384), (50, 120, 2_048))]
+    np.testing.assert_array_equal(whole.fold, fold[:offsets[120]])
+    np.testing.assert_array_equal(np.concatenate([p.fold for p in parts]), whole.fold)
+    for name in ("mean_oos_normalised", "sigma_oos_normalised", "residual_z"):
+        # the same elements hidden in the same passes: equal up to float32 summation order across batches
+        np.testing.assert_allclose(np.concatenate([getattr(p, name) for p in parts]), getattr(whole, name),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_injected_outliers_get_the_largest_residual_z(physionet_sample_store, tiny_model):
+    store = open_store(physionet_sample_store)
+    names = store.channels["name"].astype(str).to_numpy()
+    hr = int(np.flatnonzero(names == "HR")[0])
+    elements = store.take(np.flatnonzero(store.records["split"].astype(str).to_numpy() == "test"))
+    off = elements.offsets
+    injected = []  # one heart-rate value per record, in the middle of its stay, +10 channel spreads
+    for r in range(elements.n_records):
+        hr_idx = off[r] + np.flatnonzero(elements.channel[off[r]:off[r + 1]] == hr)
+        if len(hr_idx) >= 3:
+            injected.append(hr_idx[len(hr_idx) // 2])
+    injected = np.array(injected)
+    assert len(injected) >= 10
+    rec = reconstruct(tiny_model, _with_values(elements, injected, 10.0, store.channels), store.channels, folds=5)
+    score = np.abs(rec.residual_z)
+    others = np.delete(score, injected)
+    assert np.isfinite(score).all()
+    assert (score[injected] > np.percentile(others, 99)).all() and np.median(score[injected]) > 6
+    record = np.repeat(np.arange(elements.n_records), elements.row_size)
+    top = [int(np.argmax(np.where(record == record[i], score, -np.inf))) == i for i in injected]
+    assert np.mean(top) >= 0.8
+
+
+def test_single_element_records_get_nan_out_of_sample(tmp_path, physionet_sample_store, tiny_model):
+    store = open_store(physionet_sample_store)
+    full = store.read(0, 3)
+    keep = np.r_[full.offsets[0], np.arange(full.offsets[1], full.offsets[3])]  # record 0 cut to one element
+    elements = ElementSet(records=full.records, row_size=np.array([1, *full.row_size[1:]]),
+                          **{k: getattr(full, k)[keep] for k in ("time", "channel", "value", "error", "coord")})
+    r = reconstruct(tiny_model, elements, store.channels, folds=5)
+    assert np.isfinite(r.mean[0]) and np.isfinite(r.sigma[0])  # the in-sample reconstruction is still there
+    for name in ("mean_oos", "sigma_oos", "mean_oos_normalised", "sigma_oos_normalised", "residual_z"):
+        assert np.isnan(getattr(r, name)[0]) and np.isfinite(getattr(r, name)[1:]).all()
+    for k in (0, 1):
+        off = reconstruct(tiny_model, elements, store.channels, folds=k)
+        assert off.folds == 0 and off.mean_oos is None and off.residual_z is None
+        np.testing.assert_array_equal(off.mean, r.mean)
+    with pytest.raises(ValueError, match="folds"):
+        reconstruct(tiny_model, elements, store.channels, folds=-1)
+    # stored as NaN, readable by xarray
+    out = str(tmp_path / "one.zarr")
+    with ReconstructionWriter(out, {"input_store": "x", "checkpoint_sha256": "y", "folds": 5}, 32) as w:
+        w.append_range(0, 3, reconstruction_arrays(r, elements.row_size))
+    ds = xr.open_zarr(out)
+    assert np.isnan(ds["residual_z"].values[0]) and np.isfinite(ds["residual_z"].values[1:]).all()
+    assert set(OOS_ARRAYS) <= set(ds.data_vars)

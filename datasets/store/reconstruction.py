@@ -6,7 +6,10 @@ the element-set store), readable by ``xarray.open_zarr``:
 - ``record``: ``record_id``, ``row_size`` (elements, as in the input store), ``grid_row_size``, ``latent``
   (record x ``latent_index``: the pooled latent), optionally ``latents`` (record x n_latents*d_latent);
 - ``element`` (aligned element for element with the input store's records, in their order): ``mean``,
-  ``sigma`` (the channel's physical unit), ``mean_normalised``, ``sigma_normalised``;
+  ``sigma`` (the channel's physical unit), ``mean_normalised``, ``sigma_normalised``; where the run had
+  out-of-sample folds (attrs ``percival.folds`` >= 2) also ``mean_oos``, ``sigma_oos`` (physical),
+  ``mean_oos_normalised``, ``sigma_oos_normalised`` and ``residual_z`` (each element predicted with its fold
+  hidden, and its standardised residual; NaN for records of fewer than 2 elements);
 - ``grid``: ``grid_time``, ``grid_channel``, ``grid_coord``, ``grid_mean``, ``grid_sigma`` (the
   reconstruction on requested grids; ``grid_row_size`` per record);
 - ``completed_shard``: ``shard_key`` (shards of input records already written: a re-run skips them);
@@ -28,8 +31,26 @@ FORMAT = "percival-reconstruction"
 DIMENSIONS = ("record", "element", "grid", "completed_shard")
 ELEMENT_ARRAYS = {"mean": np.float32, "sigma": np.float32, "mean_normalised": np.float32,
                   "sigma_normalised": np.float32}
+#: out-of-sample element arrays (present where the store was created with folds >= 2) and their attributes
+OOS_ARRAYS = {
+    "mean_oos": {"long_name": "out-of-sample reconstruction mean (the element's fold hidden), in the "
+                              "channel's unit (input store's channel table)"},
+    "sigma_oos": {"long_name": "out-of-sample reconstruction sigma (the element's fold hidden), in the "
+                               "channel's unit (input store's channel table)"},
+    "mean_oos_normalised": {"long_name": "out-of-sample reconstruction mean, normalised units", "units": "1"},
+    "sigma_oos_normalised": {"long_name": "out-of-sample reconstruction sigma, normalised units", "units": "1"},
+    "residual_z": {"long_name": "standardised out-of-sample residual (z - mean_oos_normalised) / "
+                                "sqrt(sigma_oos_normalised^2 + e^2), e the normalised measurement error "
+                                "(0 where unknown)", "units": "1"},
+}
 GRID_ARRAYS = {"time": np.float64, "channel": np.int16, "coord": np.float32, "mean": np.float32,
                "sigma": np.float32}
+
+
+def store_folds(meta: dict) -> int:
+    """The out-of-sample folds of a store's (or a run's) ``percival`` metadata: 0 where off or absent."""
+    k = int(meta.get("folds") or 0)
+    return k if k >= 2 else 0
 
 
 def file_sha256(path: str | Path) -> str:
@@ -61,6 +82,9 @@ class ReconstructionWriter:
             o.create_array("latent", np.float32, "record", {"long_name": "mean of the latent array"}, width=d_latent)
             for name, dt in ELEMENT_ARRAYS.items():
                 o.create_array(name, dt, "element", {"long_name": f"reconstruction {name}"}, big=True)
+            if store_folds(provenance):
+                for name, attrs in OOS_ARRAYS.items():
+                    o.create_array(name, np.float32, "element", attrs, big=True)
             for name, dt in GRID_ARRAYS.items():
                 o.create_array(f"grid_{name}", dt, "grid", big=True)
             o.create_array("shard_key", str, "completed_shard")
@@ -70,6 +94,10 @@ class ReconstructionWriter:
             want = {k: provenance.get(k) for k in same}
             if same != want:
                 raise StoreError(f"{url} holds reconstructions of {same}, not {want}: choose another output")
+            if store_folds(self.out.meta) != store_folds(provenance):
+                raise StoreError(f"{url} holds reconstructions with folds={store_folds(self.out.meta)}, not "
+                                 f"{store_folds(provenance)}: choose another output or the same folds")
+        self.oos = bool(store_folds(self.out.meta))
         n = self.out.count("completed_shard")
         self.completed = set(self.out.group["shard_key"][:n].tolist()) if n else set()
 
@@ -98,7 +126,9 @@ class ReconstructionWriter:
         o = self.out
         o.append("record", {"record_id": rec["record_id"].astype(object), "row_size": rec["row_size"],
                             "grid_row_size": rec["grid_row_size"], "latent": rec["latent"]})
-        o.append("element", {name: rec[name] for name in ELEMENT_ARRAYS})
+        if self.oos and any(name not in rec for name in OOS_ARRAYS):
+            raise StoreError(f"{o.url}: the store holds out-of-sample outputs, the shard has none")
+        o.append("element", {name: rec[name] for name in (*ELEMENT_ARRAYS, *(OOS_ARRAYS if self.oos else ()))})
         o.append("grid", {f"grid_{name}": rec[f"grid_{name}"] for name in GRID_ARRAYS})
         o.append("completed_shard", {"shard_key": np.array([key], dtype=object)})
         o.commit()
@@ -120,7 +150,8 @@ def _drop_leading_records(rec: dict[str, np.ndarray], k: int) -> dict[str, np.nd
         return rec
     e, g = int(rec["row_size"][:k].sum()), int(rec["grid_row_size"][:k].sum())
     out = {n: rec[n][k:] for n in ("record_id", "row_size", "grid_row_size", "latent")}
-    out |= {n: rec[n][e:] for n in ELEMENT_ARRAYS} | {f"grid_{n}": rec[f"grid_{n}"][g:] for n in GRID_ARRAYS}
+    out |= {n: rec[n][e:] for n in (*ELEMENT_ARRAYS, *OOS_ARRAYS) if n in rec}
+    out |= {f"grid_{n}": rec[f"grid_{n}"][g:] for n in GRID_ARRAYS}
     return out
 
 
@@ -129,6 +160,7 @@ def reconstruction_arrays(r, row_size: np.ndarray) -> dict[str, np.ndarray]:
     return {"record_id": np.asarray(r.record_id, dtype=str), "row_size": np.asarray(row_size, np.int64),
             "grid_row_size": r.grid_row_size, "latent": r.latent, "mean": r.mean, "sigma": r.sigma,
             "mean_normalised": r.mean_normalised, "sigma_normalised": r.sigma_normalised,
+            **{name: getattr(r, name) for name in OOS_ARRAYS if getattr(r, name, None) is not None},
             **{f"grid_{k}": v for k, v in r.grid.items()}}
 
 
@@ -157,5 +189,6 @@ def open_reconstruction(url: str, storage_options: dict | None = None) -> dict:
     out = {"meta": meta, "records": records, "latent": g["latent"][:],
            "content_hash": _zarr.content_hash(g)}
     out.update({name: g[name][:] for name in ELEMENT_ARRAYS})
+    out.update({name: g[name][:] for name in OOS_ARRAYS if name in g})
     out.update({f"grid_{name}": g[f"grid_{name}"][:] for name in GRID_ARRAYS})
     return out
