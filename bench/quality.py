@@ -49,14 +49,34 @@ def git_commit() -> str:
     return done.stdout.strip() + ("+uncommitted" if dirty else "")
 
 
+def dataset_settings(name: str, steps: list[str], sets: list[str]) -> tuple[int, list[str]]:
+    """The training steps and config overrides of dataset ``name`` from ``--steps`` / ``--set`` items (plain
+    items apply to every dataset, ``DATASET=N`` / ``DATASET:override`` to that one)."""
+    n = 2000
+    for item in steps:
+        key, _, value = item.rpartition("=")
+        if key in ("", name):
+            n = int(value)
+    overrides = []
+    for item in sets:
+        key, sep, rest = item.partition(":")
+        if not sep:
+            overrides.append(item)
+        elif key == name:
+            overrides.append(rest)
+    return n, overrides
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--split", choices=("val", "test"), required=True,
                     help="val for choices; test once per reported configuration")
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", action="append", default=[], metavar="[DATASET=]N",
+                    help="training steps, for every dataset or for one (repeatable; default 2000)")
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    ap.add_argument("--set", action="append", default=[], metavar="[DATASET:]SECTION.FIELD=VALUE",
+                    help="config override, for every dataset or for one (repeatable)")
     ap.add_argument("--out", default=None, help="working folder (stores, models, evaluations)")
     ap.add_argument("--only", choices=list(DATASETS), default=None)
     ap.add_argument("--results", default=None, help="result file (default bench/results/quality-DATE-SPLIT.json)")
@@ -76,6 +96,7 @@ def main() -> int:
     for name, (folder, protocols) in DATASETS.items():
         if args.only and name != args.only:
             continue
+        steps, overrides = dataset_settings(name, args.steps, args.set)
         d = out / name
         d.mkdir(parents=True, exist_ok=True)
         store = str(d / "store.zarr")
@@ -83,7 +104,7 @@ def main() -> int:
         ingest(name, str(data / folder), store, workers=2)
         t_ingest = time.perf_counter() - t0
         t0 = time.perf_counter()
-        trained = train_flow(store, str(d / "model"), preset=args.preset, steps=args.steps, overrides=args.set)
+        trained = train_flow(store, str(d / "model"), preset=args.preset, steps=steps, overrides=overrides)
         t_train = time.perf_counter() - t0
         t0 = time.perf_counter()
         ev = evaluate_flow(store, str(d / "model"), str(d / f"evaluation-{args.split}"), protocols=protocols,
@@ -91,7 +112,7 @@ def main() -> int:
         t_eval = time.perf_counter() - t0
         doc = json.loads(Path(ev["json"]).read_text())
         res = {"ingest_s": round(t_ingest, 1), "train_s": round(t_train, 1), "evaluate_s": round(t_eval, 1),
-               "steps": trained["steps"], "train_loss": trained["train_loss"], "protocols": {}}
+               "overrides": overrides, "steps": trained["steps"], "train_loss": trained["train_loss"], "protocols": {}}
         for p in doc["protocols"]:
             overall = {k: v.get("overall", {}) for k, v in p["metrics"].items()}
             model_mse = overall["model"].get("mse")

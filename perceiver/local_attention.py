@@ -32,6 +32,8 @@ from perceiver.neighbours import key_windows
 
 #: relative-position features of a (query, element) pair, see :meth:`LocalAttention._relative`
 N_RELATIVE = 7
+#: queries attended at once without gradients (keeps the gathered keys around 2048 x 25 x 128 floats)
+LOCAL_CHUNK = 2048
 
 
 class LocalAttention(nn.Module):
@@ -102,22 +104,41 @@ class LocalAttention(nn.Module):
         ``tokens`` (M, d_input) of their record (``e_offsets`` B+1, CPU) -> (N, d_query)."""
         n, h, dh = len(queries), self.heads, self.head_dim
         idx = self.neighbourhood(q_time, q_channel, q_coord, q_offsets, e_time, e_channel, e_coord, e_offsets)
-        q = self.q(self.q_norm(queries)).view(n, 1, h, dh)
-        # one gather of [null, window] rows from the projected tokens with the null row appended
+        q = self.q(self.q_norm(queries)).view(n, h, dh)
+        # the projected tokens with the null element appended as row M; each query reads [null, its window]
         table = torch.cat([self.kv(self.kv_norm(tokens)), self.null_kv[None].to(queries.dtype)])
         m = len(tokens)
         rows = torch.cat([idx.new_full((n, 1), m), torch.where(idx >= 0, idx, m)], dim=1)  # (N, 1 + window)
-        rel = torch.cat([rows.new_zeros((n, 1, N_RELATIVE), dtype=torch.float32),
+        rel = torch.cat([q.new_zeros((n, 1, N_RELATIVE), dtype=torch.float32),
                          self._relative(idx, q_time, q_channel, q_coord, e_time, e_channel, e_coord)], dim=1)
-        # relative-position term; (features x weight) so that its gradient is a fast (features x rows) product
-        kv = torch.addmm(self.relative_bias.to(table.dtype), rel.view(-1, N_RELATIVE).to(table.dtype),
-                         self.relative.to(table.dtype)).view(n, -1, 2 * h * dh) + table[rows]
-        kv = kv.view(n, -1, 2, h, dh)
-        # One query against its own 1 + window keys is a batched dot product: computed in place on the gathered
-        # layout (an SDPA call would first copy the keys into (N, H, keys, dh); measured slower here).
-        logits = (q * kv[:, :, 0]).sum(-1) * dh ** -0.5  # (N, 1 + window, H)
         valid = torch.cat([idx.new_ones((n, 1), dtype=torch.bool), idx >= 0], dim=1)
-        weights = torch.softmax(logits.masked_fill(~valid[:, :, None], float("-inf")), dim=1)
-        a = (weights[..., None] * kv[:, :, 1]).sum(1).reshape(n, h * dh)
-        x = queries + self.proj(a)
+        # without gradients, in chunks: the gathered keys stay small (no page-faulting of fresh large buffers)
+        step = max(n, 1) if torch.is_grad_enabled() else LOCAL_CHUNK
+        a = torch.cat([self._attend(q[s:s + step], table, rows[s:s + step], rel[s:s + step].to(q.dtype),
+                                    valid[s:s + step]) for s in range(0, n, step)]) if n else q.new_zeros((0, h, dh))
+        x = queries + self.proj(a.reshape(n, h * dh))
         return x + self.mlp(self.norm2(x))
+
+    def _attend(self, q: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, rel: torch.Tensor,
+                valid: torch.Tensor) -> torch.Tensor:
+        """Attention of queries ``q`` (n, H, dh) to their ``rows`` (n, K) of ``table`` with relative features
+        ``rel`` (n, K, R) -> (n, H, dh).
+
+        A key is ``k_j + rel_j W_k + b_k`` and a value ``v_j + rel_j W_v + b_v``; by linearity the relative
+        terms are applied to the query (``W_k q``, R numbers per head) and to the attention-weighted mean of
+        ``rel`` instead of to every key, and ``q . b_k`` is the same for every key (it cancels in the
+        softmax). One query against its own K keys is a batched dot product, computed on the gathered layout
+        (an SDPA call would first copy the keys into (n, H, K, dh)).
+        """
+        n, h, dh = q.shape
+        inner = h * dh
+        w_k = self.relative[:, :inner].view(N_RELATIVE, h, dh).to(q.dtype)
+        w_v = self.relative[:, inner:].view(N_RELATIVE, h, dh).to(q.dtype)
+        kv = table[rows].view(n, -1, 2, h, dh)
+        q_rel = torch.einsum("rhd,nhd->nrh", w_k, q)  # (n, R, H)
+        logits = (q[:, None] * kv[:, :, 0]).sum(-1) + torch.bmm(rel, q_rel)  # (n, K, H)
+        logits = logits * dh ** -0.5
+        weights = torch.softmax(logits.masked_fill(~valid[:, :, None], float("-inf")), dim=1)
+        out = (weights[..., None] * kv[:, :, 1]).sum(1)  # (n, H, dh)
+        rel_mean = torch.bmm(weights.transpose(1, 2), rel)  # (n, H, R)
+        return out + torch.einsum("nhr,rhd->nhd", rel_mean, w_v) + self.relative_bias[inner:].view(h, dh)

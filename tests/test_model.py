@@ -181,13 +181,18 @@ def test_local_decoder_reads_only_a_bounded_neighbourhood(data):
 
 def test_chunked_inference_equals_one_pass(data, monkeypatch):
     """Without gradients the queries run in chunks (bounded memory); the result is the same."""
+    import perceiver.local_attention as local_module
     import perceiver.model as model_module
 
     _, _, ds = data
     model = make_model(data)
     batch = ds.collate(np.arange(len(ds)))
+    with torch.enable_grad():  # the training path: one pass over every query
+        out = model(batch)
     whole = predict(model, batch)
+    torch.testing.assert_close(whole.mean, out.mean.detach(), atol=ATOL, rtol=1e-5)
     monkeypatch.setattr(model_module, "QUERY_CHUNK", 37)
+    monkeypatch.setattr(local_module, "LOCAL_CHUNK", 11)
     chunked = predict(model, batch)
     torch.testing.assert_close(chunked.mean, whole.mean, atol=ATOL, rtol=1e-5)
     torch.testing.assert_close(chunked.sigma, whole.sigma, atol=ATOL, rtol=1e-5)
