@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -37,28 +36,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from machine import cpu_model, git_commit  # noqa: E402  (bench/machine.py, beside this script)
+
 LENGTHS = (1000, 2000, 4000, 8000, 16000, 32000, 64000)
 CONFIGS = {"default": {}, "latents_only": {"decoder_local_heads": 0, "decoder_neighbours": False,
                                            "decoder_snapshot": False}}
 JOBS = ("inference", "training")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=ROOT).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def rss_gib() -> float:
@@ -144,7 +127,7 @@ def main() -> None:
         return
     lengths = LENGTHS[:4] if args.quick else LENGTHS
     repeats = 2 if args.quick else args.repeats
-    print(f"CPU: {cpu_model()}; 1 thread; commit {commit()}", flush=True)
+    print(f"CPU: {cpu_model()}; 1 thread; commit {git_commit()}", flush=True)
     rows = []
     for n in lengths:
         for job in JOBS:
@@ -175,7 +158,7 @@ def main() -> None:
         te, me = s["time_exponent"], s["memory_exponent"]
         print(f"  {key:24s} {te if te is None else round(te, 2)!s:>13s}  {me if me is None else round(me, 2)!s:>15s}"
               f"  {s['time_at_largest_s'] or 0:.3f} s, {(s['mem_at_largest_gib'] or 0) * 1024:.0f} MiB")
-    result = {"cpu": cpu_model(), "threads": 1, "commit": commit(), "rows": rows, "summary": summary}
+    result = {"cpu": cpu_model(), "threads": 1, "commit": git_commit(), "rows": rows, "summary": summary}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

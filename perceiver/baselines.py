@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from datasets.loader.batches import segment_ids
 from perceiver.neighbours import same_channel_neighbours
 
 #: HistGradientBoostingRegressor settings of the gradient-boost baseline (seeded with ``random_state``)
@@ -57,11 +58,6 @@ def channel_mean(channel: np.ndarray, target: np.ndarray, means: np.ndarray) -> 
     return means[channel[target]]
 
 
-def _record_ids(offsets: np.ndarray) -> np.ndarray:
-    offsets = np.asarray(offsets, np.int64)
-    return np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-
-
 def per_record_mean(offsets, channel, value, visible, target, means: np.ndarray) -> np.ndarray:
     """Mean of the record's visible values of the target's channel (one bincount over (record, channel)
     groups); the channel mean where the record has none visible."""
@@ -69,7 +65,7 @@ def per_record_mean(offsets, channel, value, visible, target, means: np.ndarray)
     visible = np.asarray(visible, bool) & np.isfinite(value)
     target = np.asarray(target, bool)
     n_ch = max(int(channel.max(initial=0)) + 1, len(means))
-    _, group = np.unique(_record_ids(offsets) * n_ch + channel, return_inverse=True)
+    _, group = np.unique(segment_ids(np.asarray(offsets, np.int64)) * n_ch + channel, return_inverse=True)
     n_g = int(group.max(initial=-1)) + 1
     counts = np.bincount(group[visible], minlength=n_g)
     sums = np.bincount(group[visible], weights=np.asarray(value, np.float64)[visible], minlength=n_g)
@@ -108,7 +104,7 @@ def _search(offsets: np.ndarray, channel: np.ndarray, axes: list[np.ndarray], ke
     first; :func:`perceiver.neighbours.same_channel_neighbours`). ``query_channel`` asks about another channel
     than the queries' own (an int: that channel for every query); ``record``: the record index of every packed
     element, when the caller has it."""
-    record = _record_ids(offsets) if record is None else record
+    record = segment_ids(np.asarray(offsets, np.int64)) if record is None else record
     n_rec = len(offsets) - 1
 
     def packed(idx: np.ndarray) -> torch.Tensor:
@@ -219,7 +215,7 @@ def neighbour_features(offsets, time, channel, coord, value, visible, target, ch
     X = np.full((n, head + n_ch * block), np.nan, np.float32)
     X[:, 0], X[:, 1], X[:, 2] = time[tgt], q_ch, channel_modality[q_ch]
     tq, cq = time[tgt], coord[tgt]
-    record = _record_ids(offsets)
+    record = segment_ids(np.asarray(offsets, np.int64))
     for c in range(n_ch):
         kc = keys[channel[keys] == c]
         if not len(kc) or not n:
@@ -313,7 +309,7 @@ def fit_gradient_boost(offsets, time, channel, coord, value, visible, target, me
     if max_elements is not None and len(idx) > max_elements:
         rng = np.random.default_rng([seed, 1])
         idx = np.sort(rng.choice(idx, size=max_elements, replace=False))
-    n_records = len(np.unique(_record_ids(offsets)[idx]))
+    n_records = len(np.unique(segment_ids(np.asarray(offsets, np.int64))[idx]))
     gb = GradientBoost(None, np.asarray(means, np.float64), channel_modality, coord_gaps, len(idx), n_records,
                        params)
     if len(idx) < 2:

@@ -69,13 +69,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from datasets.loader.batches import Batch, ElementDataset, ranges, segment_ids, token_batches
+from datasets.loader.batches import Batch, ElementDataset, segment_ids, token_batches
 from datasets.loader.masking import MaskingConfig, plan_masks
 from datasets.normalise import normalise
 from datasets.store.reader import Store, open_store
 from perceiver.baselines import GRADIENT_BOOST_MAX_ELEMENTS, GradientBoost, fit_gradient_boost, predict_baseline
 from perceiver.config import RunConfig
-from perceiver.inference import Queries, predict
+from perceiver.inference import masked_batch, predict_hidden  # noqa: F401  (masked_batch: used by plots, notebooks)
 from perceiver.model import ModelOutput, Percival
 from perceiver.objective import Metrics
 
@@ -209,17 +209,6 @@ def hidden_counts(ds: ElementDataset, hidden: np.ndarray) -> np.ndarray:
     return np.bincount(segment_ids(ds.offsets)[hidden], minlength=len(ds)).astype(np.int64)
 
 
-def masked_batch(ds: ElementDataset, items: np.ndarray, hidden: np.ndarray) -> tuple[Batch, np.ndarray]:
-    """Records ``items`` packed, with the hidden elements invisible and the targets; also the dataset element
-    positions of the batch's elements."""
-    items = np.asarray(items, np.int64)
-    batch = ds.collate(items)
-    idx = ranges(ds.offsets[items], ds.lengths[items])
-    h = hidden[idx]
-    batch = dataclasses.replace(batch, visible=torch.from_numpy(~h), target=torch.from_numpy(h.copy()))
-    return batch, idx
-
-
 def model_predictions(model: Percival, ds: ElementDataset, hidden: np.ndarray, batch_tokens: int = 8192,
                       max_records: int | None = 64, record_cost: int = 32, dtype: torch.dtype | None = None
                       ) -> tuple[np.ndarray, np.ndarray]:
@@ -235,12 +224,7 @@ def model_predictions(model: Percival, ds: ElementDataset, hidden: np.ndarray, b
     position = np.cumsum(hidden) - 1  # index of each hidden element among the hidden ones
     batches = token_batches(ds.lengths[records], batch_tokens, max_records, shuffle=False, record_cost=record_cost)
     for b in batches:
-        items = records[b]
-        batch, idx = masked_batch(ds, items, hidden)
-        q = idx[hidden[idx]]
-        queries = Queries.from_arrays(ds.elements.time[ds.element_index[q]], ds.channel[q], ds.coord[q],
-                                      counts=counts[items])
-        pred = predict(model, batch, queries, dtype=dtype)
+        q, pred = predict_hidden(model, ds, records[b], hidden, dtype)
         mean[position[q]] = pred.mean.numpy()
         sigma[position[q]] = pred.sigma.numpy()
     return mean, sigma

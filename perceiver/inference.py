@@ -19,12 +19,13 @@ the latent array per record (B, d_latent).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from datasets.loader.batches import Batch
+from datasets.loader.batches import Batch, ElementDataset, ranges
 from perceiver.model import Percival, subset_offsets
 
 
@@ -92,3 +93,27 @@ def predict(model: Percival, batch: Batch, queries: Queries | None = None,
             raise ValueError("query channel outside the model's channel table")
         mean, log_sigma = model.decode(encoded, time, channel, coord, offsets)
     return Prediction(mean.float(), torch.exp(log_sigma.float()), encoded.latents.float().mean(1), offsets)
+
+
+def masked_batch(ds: ElementDataset, items: np.ndarray, hidden: np.ndarray) -> tuple[Batch, np.ndarray]:
+    """Records ``items`` of ``ds`` packed, with the ``hidden`` elements (bool per dataset element) invisible and
+    the targets; also the dataset element positions of the batch's elements."""
+    items = np.asarray(items, np.int64)
+    batch = ds.collate(items)
+    idx = ranges(ds.offsets[items], ds.lengths[items])
+    h = hidden[idx]
+    batch = dataclasses.replace(batch, visible=torch.from_numpy(~h), target=torch.from_numpy(h.copy()))
+    return batch, idx
+
+
+def predict_hidden(model: Percival, ds: ElementDataset, items: np.ndarray, hidden: np.ndarray,
+                   dtype: torch.dtype | None = None) -> tuple[np.ndarray, Prediction]:
+    """Predict the ``hidden`` elements (bool per dataset element) of records ``items`` from their other
+    elements: the dataset positions of the hidden elements (packed order) and the prediction for them."""
+    items = np.asarray(items, np.int64)
+    batch, idx = masked_batch(ds, items, hidden)
+    h = hidden[idx]
+    q = idx[h]
+    counts = np.bincount(np.repeat(np.arange(len(items)), ds.lengths[items])[h], minlength=len(items))
+    queries = Queries.from_arrays(ds.elements.time[ds.element_index[q]], ds.channel[q], ds.coord[q], counts=counts)
+    return q, predict(model, batch, queries, dtype=dtype)

@@ -24,7 +24,8 @@ from matplotlib.figure import Figure
 from datasets.loader.batches import ElementDataset
 from datasets.normalise import denormalise
 from perceiver.baselines import linear_interpolation
-from perceiver.evaluation import hidden_counts, masked_batch
+from perceiver.evaluation import hidden_counts
+from perceiver.inference import masked_batch
 from perceiver.inference import Queries, predict
 from perceiver.model import Percival
 

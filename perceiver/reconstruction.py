@@ -36,7 +36,6 @@ never on which other records are reconstructed with it.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
@@ -47,7 +46,7 @@ import torch
 from datasets.format import ElementSet
 from datasets.loader.batches import ElementDataset, ranges, segment_ids, token_batches
 from datasets.normalise import denormalise
-from perceiver.inference import Queries, predict
+from perceiver.inference import Queries, predict, predict_hidden
 from perceiver.model import Percival
 
 #: out-of-sample folds per record by default (see the module docstring for the choice)
@@ -132,22 +131,14 @@ def _out_of_sample(model: Percival, ds: ElementDataset, batches: list[np.ndarray
     rec = segment_ids(ds.offsets)
     counts = np.bincount(rec * folds + fold, minlength=n_rec * folds).reshape(n_rec, folds)
     counts[ds.lengths < 2] = 0
+    hidden = [fold == f for f in range(folds)]
     mean, sigma = np.full(ds.n_elements, np.nan, np.float32), np.full(ds.n_elements, np.nan, np.float32)
     for items in batches:
         for f in range(folds):
             sel = items[counts[items, f] > 0]
-            if not len(sel):
-                continue
-            batch = ds.collate(sel)
-            idx = ranges(ds.offsets[sel], ds.lengths[sel])
-            hidden = fold[idx] == f
-            batch = dataclasses.replace(batch, visible=torch.from_numpy(~hidden),
-                                        target=torch.from_numpy(hidden.copy()))
-            q = idx[hidden]
-            queries = Queries.from_arrays(ds.elements.time[ds.element_index[q]], ds.channel[q], ds.coord[q],
-                                          counts=counts[sel, f])
-            pred = predict(model, batch, queries, dtype=dtype)
-            mean[q], sigma[q] = pred.mean.numpy(), pred.sigma.numpy()
+            if len(sel):
+                q, pred = predict_hidden(model, ds, sel, hidden[f], dtype)
+                mean[q], sigma[q] = pred.mean.numpy(), pred.sigma.numpy()
     return mean, sigma
 
 
