@@ -25,8 +25,7 @@ from datasets.loader.batches import ElementDataset
 from datasets.normalise import denormalise
 from perceiver.baselines import linear_interpolation
 from perceiver.evaluation import hidden_counts
-from perceiver.inference import masked_batch
-from perceiver.inference import Queries, predict
+from perceiver.inference import Queries, masked_batch, predict
 from perceiver.model import Percival
 
 STYLE = {"model": "C0", "channel_mean": "C2", "per_record_mean": "C8", "forward_fill": "C4",
