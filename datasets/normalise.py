@@ -82,25 +82,29 @@ def channel_statistics(channel: np.ndarray, value: np.ndarray, error: np.ndarray
     return pd.DataFrame({"transform": kinds, **out})
 
 
-def normalise(value: np.ndarray, error: np.ndarray, channel: np.ndarray, table: pd.DataFrame
+def _columns(table, channel: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per-element transform, softening, location and scale from a channel table: a model's data contract
+    (:class:`perceiver.DataContract`, or its ``table()``) or a store's channel DataFrame."""
+    table = table.table() if hasattr(table, "table") else table
+    return tuple(np.asarray(table[k])[channel] for k in ("transform", "softening", "location", "scale"))
+
+
+def normalise(value: np.ndarray, error: np.ndarray, channel: np.ndarray, table
               ) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised values and errors (NaN errors stay NaN) for elements of the given channels."""
-    kind = table["transform"].to_numpy()[channel]
-    soft = table["softening"].to_numpy()[channel]
-    loc = table["location"].to_numpy()[channel]
-    scale = table["scale"].to_numpy()[channel]
+    """Normalised values and errors (NaN errors stay NaN) for elements of the given channels (indices into
+    ``table``: a data contract, or a store's channel table)."""
+    kind, soft, loc, scale = _columns(table, channel)
     z = (transform(value, kind, soft) - loc) / scale
     sz = derivative(value, kind, soft) * np.asarray(error, np.float64) / scale
     return z.astype(np.float32), sz.astype(np.float32)
 
 
-def denormalise(z: np.ndarray, sigma_z: np.ndarray, channel: np.ndarray, table: pd.DataFrame
+def denormalise(z: np.ndarray, sigma_z: np.ndarray, channel: np.ndarray, table
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Back to physical units: mean ``T^-1(z * scale + location)``, sigma by first-order propagation."""
-    kind = table["transform"].to_numpy()[channel]
-    soft = table["softening"].to_numpy()[channel]
-    t = np.asarray(z, np.float64) * table["scale"].to_numpy()[channel] + table["location"].to_numpy()[channel]
+    kind, soft, loc, scale = _columns(table, channel)
+    t = np.asarray(z, np.float64) * scale + loc
     asinh = kind == "asinh"
     v = np.where(asinh, np.sinh(t) * np.where(asinh, soft, 1.0), t)
-    sigma = np.asarray(sigma_z, np.float64) * table["scale"].to_numpy()[channel] / derivative(v, kind, soft)
+    sigma = np.asarray(sigma_z, np.float64) * scale / derivative(v, kind, soft)
     return v.astype(np.float32), sigma.astype(np.float32)

@@ -1,45 +1,27 @@
-"""Typed configuration: the model, the training run, and the masking plan, serialised as one JSON file.
+"""The model's configuration, in sections: sizes / input / decoder / head / data contract.
 
-:class:`RunConfig` is what is written as ``config.json`` beside every checkpoint; ``RunConfig.from_json``
-reads it back (unknown keys are an error, missing keys take their defaults, so old configs stay readable
-when a field is added).
+:class:`ModelConfig` is the ``model`` section of the ``config.json`` written beside every checkpoint.
+``ModelConfig.from_dict`` reads it back: unknown keys are an error, missing keys take their defaults (so old
+configs stay readable when a field is added), and the flat layout of checkpoints written before the sections
+existed (``{"d_latent": 128, "decoder_local_heads": 4, "channel_names": [...], ...}``) is migrated on read
+(:data:`FLAT_FIELDS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
-from datasets.format import ElementSet
-from datasets.loader.batches import modality_names, segment_ids
-from datasets.loader.masking import MaskingConfig
-
-CONFIG_VERSION = 1
+from perceiver.contract import ChannelSpec, DataContract
 
 
 @dataclass
-class ModelConfig:
-    """Sizes of the encoder-decoder and the scales of its Fourier features.
+class Sizes:
+    """Widths and depths of the encoder and the latent stack."""
 
-    The channel vocabulary (``channel_names``, ``modalities``, ``channel_modality``) and the time / coord
-    scales are data statistics: :func:`fit_data_statistics` fills them from the training split.
-    """
-
-    #: channel names in channel-table order, the modality names, and each channel's modality index
-    channel_names: list[str] = field(default_factory=list)
-    modalities: list[str] = field(default_factory=list)
-    channel_modality: list[int] = field(default_factory=list)
-
-    #: width of an element token (encoder input and decoder query encodings), and its per-element MLP
+    #: width of an element token (encoder input and decoder query encodings)
     d_input: int = 64
-    input_mlp_ratio: float = 1.0
     #: latent array: n_latents x d_latent
     n_latents: int = 64
     d_latent: int = 128
@@ -48,51 +30,96 @@ class ModelConfig:
     n_heads: int = 4
     mlp_ratio: float = 4.0
     share_weights: bool = False
-    #: encoder cross-attention (latents -> elements): heads and per-head width (0 = d_input)
+    #: encoder cross-attention (latents -> elements): heads and per-head width (0 = d_input), MLP widening
     cross_heads: int = 1
     cross_head_dim: int = 0
     cross_mlp_ratio: float = 4.0
-    #: decoder: query width, cross-attention heads and per-head width (0 = d_query / heads), MLP widening
-    d_query: int = 128
-    decoder_heads: int = 1
-    decoder_head_dim: int = 0
-    decoder_mlp_ratio: float = 4.0
-    #: decoder: queries also attend to a bounded neighbourhood of their record's visible element tokens (local
-    #: evidence beside the latents' summary, e.g. the same hour's other vitals; :mod:`perceiver.local_attention`):
-    #: heads of that attention (0 = latents only), visible elements read on each side of the query in time
-    #: (any channel), and of the query's own channel on each side. Cost per query is fixed: linear in queries.
-    decoder_local_heads: int = 4
-    decoder_local_time: int = 8
-    decoder_local_channel: int = 4
-    #: decoder: queries also carry their channel's previous / next visible values in the record and the gaps
-    #: to them (the interpolation baselines' evidence, :mod:`perceiver.neighbours`)
-    decoder_neighbours: bool = True
-    #: ... and the same for every channel of the table: the record's state around the query's time
-    decoder_snapshot: bool = True
-    #: Fourier features: number of frequencies and the shortest / longest period (data units)
+
+
+@dataclass
+class InputConfig:
+    """How an element becomes a token (:mod:`perceiver.encodings`): Fourier features of time and coord (their
+    periods are data statistics, in the contract) and the per-element MLP's widening."""
+
     n_time_freqs: int = 16
-    time_min_period: float = 1.0
-    time_max_period: float = 100.0
     n_coord_freqs: int = 16
-    coord_min_period: float = 1.0
-    coord_max_period: float = 10000.0
-    coord_center: float = 0.0
-    coord_scale: float = 1.0
-    #: floor on the predicted sigma (normalised units)
+    mlp_ratio: float = 1.0
+
+
+@dataclass
+class DecoderConfig:
+    """How a query reads the encoded record (:mod:`perceiver.model`)."""
+
+    #: query width, cross-attention heads (to the latents) and per-head width (0 = d_query / heads), MLP widening
+    d_query: int = 128
+    heads: int = 1
+    head_dim: int = 0
+    mlp_ratio: float = 4.0
+    #: queries also attend to a bounded neighbourhood of their record's visible element tokens
+    #: (:mod:`perceiver.local_attention`): heads (0 = latents only), visible elements read on each side of the
+    #: query in time (any channel), and of the query's own channel on each side. Cost per query is fixed.
+    local_heads: int = 4
+    local_time: int = 8
+    local_channel: int = 4
+    #: queries carry their channel's previous / next visible values and the gaps to them
+    #: (:mod:`perceiver.neighbours`) ...
+    neighbours: bool = True
+    #: ... and the same for every channel of the table: the record's state around the query's time
+    snapshot: bool = True
+
+
+@dataclass
+class HeadConfig:
+    """The output head (:mod:`perceiver.heads`): which one (a name in :data:`perceiver.heads.HEADS`) and its
+    settings. ``min_sigma``: floor on a predicted sigma (normalised units); ``nll_beta``: beta-NLL exponent of
+    the Gaussian head's loss (0 = plain NLL); ``options``: settings of other heads."""
+
+    name: str = "gaussian"
     min_sigma: float = 1e-3
+    nll_beta: float = 0.5
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model: its sections and its data contract."""
+
+    sizes: Sizes = field(default_factory=Sizes)
+    input: InputConfig = field(default_factory=InputConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    contract: DataContract = field(default_factory=DataContract)
     #: variable-length attention: "auto" (length-grouped padded SDPA), "padded" (pad to max), "loop"
     varlen: str = "auto"
 
+    # the contract's vocabulary, for the many places that need only that
     @property
     def n_channels(self) -> int:
-        return len(self.channel_names)
+        return self.contract.n_channels
+
+    @property
+    def n_modalities(self) -> int:
+        return self.contract.n_modalities
+
+    @property
+    def channel_names(self) -> list[str]:
+        return self.contract.channel_names
+
+    @property
+    def modalities(self) -> list[str]:
+        return self.contract.modalities
+
+    @property
+    def channel_modality(self) -> list[int]:
+        return self.contract.channel_modality
 
     @classmethod
     def preset(cls, name: str, **overrides) -> ModelConfig:
         """Named sizes: ``tiny`` (tests, ~30 k parameters), ``small`` (the default, ~1.2 M, trains on a CPU in
         minutes), ``bench`` (the peer-comparison shape: 256 x 256 latents, 6 layers of 8 heads, ~5.1 M; a pure
-        Perceiver IO decoder, as the peers have)."""
-        sizes = {
+        Perceiver IO decoder, as the peers have). ``overrides``: fields by their flat names (:data:`FLAT_FIELDS`,
+        e.g. ``d_latent=32``) or whole sections."""
+        presets = {
             "tiny": dict(d_input=16, n_latents=8, d_latent=32, n_layers=2, n_heads=2, mlp_ratio=2.0,
                          cross_mlp_ratio=2.0, d_query=32, decoder_mlp_ratio=2.0, n_time_freqs=8,
                          n_coord_freqs=4),
@@ -102,86 +129,70 @@ class ModelConfig:
                           decoder_head_dim=64, decoder_mlp_ratio=2.0, decoder_local_heads=0,
                           decoder_neighbours=False),
         }
-        if name not in sizes:
-            raise ValueError(f"unknown preset {name!r}; choose from {sorted(sizes)}")
-        return cls(**{**sizes[name], **overrides})
-
-    @property
-    def n_modalities(self) -> int:
-        return len(self.modalities)
-
-
-@dataclass
-class TrainConfig:
-    """The training loop: optimiser, schedule, batching, precision, logging and checkpoint cadence."""
-
-    steps: int = 1000
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.98)
-    grad_clip: float = 1.0
-    #: beta-NLL exponent: each element's NLL is weighted by its (detached) predictive variance ** nll_beta;
-    #: 0 = plain NLL
-    nll_beta: float = 0.5
-    #: token budget per batch (elements + record_cost per record), cap on records per batch, crop length
-    batch_tokens: int = 4096
-    max_records: int = 64
-    record_cost: int = 32
-    max_record_elements: int = 4096
-    seed: int = 0
-    #: "auto" (bf16 autocast where the hardware has native bf16), "bf16" or "fp32"
-    precision: str = "auto"
-    log_every: int = 10
-    eval_every: int = 200
-    eval_batches: int = 20
-    checkpoint_every: int = 200
-    #: torch intra-op threads per process (0 = torch's default)
-    threads: int = 0
-
-
-@dataclass
-class RunConfig:
-    """Everything needed to rebuild a model and continue its training."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    masking: MaskingConfig = field(default_factory=MaskingConfig)
-    version: int = CONFIG_VERSION
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}")
+        return cls.from_dict({**presets[name], **overrides})
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
-        if path is not None:
-            from perceiver.checkpoint import atomic_write_text
-
-            atomic_write_text(Path(path), text + "\n")
-        return text
+        data = dataclasses.asdict(self)
+        data["contract"] = self.contract.to_dict()
+        return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> RunConfig:
-        model = data.get("model")
-        if isinstance(model, dict) and "decoder_element_heads" in model:
-            # the decoder's attention to *every* visible element of a record (O(queries x elements)) is retired
-            model = dict(model)
-            if model.pop("decoder_element_heads"):
-                raise ValueError("this checkpoint's decoder attends to every element of a record (the retired "
-                                 "O(N^2) decoder_element_heads); retrain it with the bounded local decoder")
-            data = {**data, "model": model}
-        return _build(cls, data)
-
-    @classmethod
-    def from_json(cls, path_or_text: str | Path) -> RunConfig:
-        p = Path(path_or_text)
-        text = p.read_text() if not str(path_or_text).lstrip().startswith("{") else str(path_or_text)
-        return cls.from_dict(json.loads(text))
+    def from_dict(cls, data: dict) -> ModelConfig:
+        """A config from its ``model`` section; flat (pre-section) layouts are migrated."""
+        return build_dataclass(cls, migrate_flat(data))
 
 
-def _build(cls: type, data: dict):
-    """A dataclass from a dict, recursing into dataclass-typed fields; unknown keys raise."""
+#: the flat field names of configs written before the sections (and accepted by ``preset`` and ``--set``):
+#: name -> (section, field)
+FLAT_FIELDS = {
+    **{k: ("sizes", k) for k in ("d_input", "n_latents", "d_latent", "n_layers", "n_heads", "mlp_ratio",
+                                 "share_weights", "cross_heads", "cross_head_dim", "cross_mlp_ratio")},
+    "input_mlp_ratio": ("input", "mlp_ratio"), "n_time_freqs": ("input", "n_time_freqs"),
+    "n_coord_freqs": ("input", "n_coord_freqs"),
+    "d_query": ("decoder", "d_query"), "decoder_heads": ("decoder", "heads"),
+    "decoder_head_dim": ("decoder", "head_dim"), "decoder_mlp_ratio": ("decoder", "mlp_ratio"),
+    "decoder_local_heads": ("decoder", "local_heads"), "decoder_local_time": ("decoder", "local_time"),
+    "decoder_local_channel": ("decoder", "local_channel"), "decoder_neighbours": ("decoder", "neighbours"),
+    "decoder_snapshot": ("decoder", "snapshot"),
+    "min_sigma": ("head", "min_sigma"),
+    **{k: ("contract", k) for k in ("time_min_period", "time_max_period", "coord_min_period", "coord_max_period",
+                                    "coord_center", "coord_scale")},
+}
+SECTIONS = ("sizes", "input", "decoder", "head", "contract")
+
+
+def migrate_flat(data: dict) -> dict:
+    """The sectioned form of a ``model`` dict that may use flat (pre-section) names. The old channel
+    vocabulary (``channel_names``, ``modalities``, ``channel_modality``) becomes a contract whose normalisation
+    statistics are unknown (:attr:`DataContract.complete` is false)."""
+    data = dict(data)
+    if data.pop("decoder_element_heads", 0):
+        # the decoder's attention to *every* visible element of a record (O(queries x elements)) is retired
+        raise ValueError("this checkpoint's decoder attends to every element of a record (the retired O(N^2) "
+                         "decoder_element_heads); retrain it with the bounded local decoder")
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()
+           if k in SECTIONS or k == "varlen"}
+    names, mods, ch_mod = (data.pop(k, None) for k in ("channel_names", "modalities", "channel_modality"))
+    if names is not None:
+        contract = out.setdefault("contract", {})
+        contract["modalities"] = list(mods or [])
+        contract["channels"] = [{"name": n, "modality": contract["modalities"][m]}
+                                for n, m in zip(names, ch_mod or [], strict=True)]
+    for key, value in data.items():
+        if key in SECTIONS or key == "varlen":
+            continue
+        if key not in FLAT_FIELDS:
+            raise ValueError(f"unknown ModelConfig field {key!r}")
+        section, name = FLAT_FIELDS[key]
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def build_dataclass(cls: type, data: dict):
+    """A dataclass from a dict, recursing into dataclass-typed fields (or their ``from_dict``); unknown keys
+    raise, scalar types are checked."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
@@ -190,8 +201,10 @@ def _build(cls: type, data: dict):
     kwargs = {}
     for k, v in data.items():
         hint = hints[k]
-        if dataclasses.is_dataclass(hint) and isinstance(v, dict):
-            v = _build(hint, v)
+        if hasattr(hint, "from_dict") and isinstance(v, dict):
+            v = hint.from_dict(v)
+        elif dataclasses.is_dataclass(hint) and isinstance(v, dict):
+            v = build_dataclass(hint, v)
         elif typing.get_origin(hint) is tuple and isinstance(v, list):
             v = tuple(v)
         elif hint in (int, float, str, bool) and not _fits(v, hint):
@@ -207,65 +220,5 @@ def _fits(value, kind: type) -> bool:
     return isinstance(value, int | float) if kind is float else isinstance(value, kind)
 
 
-def _positive_gaps(values: np.ndarray, seg: np.ndarray) -> np.ndarray:
-    """Differences between consecutive distinct values within each record (values sorted per record)."""
-    order = np.lexsort((values, seg))
-    v, s = values[order], seg[order]
-    d = np.diff(v)
-    same = s[1:] == s[:-1]
-    d = d[same]
-    return d[d > 0]
-
-
-def fit_data_statistics(config: ModelConfig, elements: ElementSet, channels: pd.DataFrame,
-                        records: np.ndarray | None = None) -> ModelConfig:
-    """Fill the channel vocabulary and the Fourier scales of ``config`` from data (the train records).
-
-    Time periods span the shortest time scale (1st percentile of the gaps between consecutive distinct times
-    of a record) to twice the longest (the largest record time span); coord periods likewise span the
-    smallest gap between distinct coords within a record to twice the coord range.
-    """
-    config = dataclasses.replace(config)
-    config.channel_names = [str(x) for x in channels["name"]]
-    config.modalities = modality_names(channels)
-    config.channel_modality = [config.modalities.index(str(m)) for m in channels["modality"]]
-    offsets = elements.offsets
-    if records is None:
-        records = np.arange(elements.n_records)
-    from datasets.loader.batches import ranges
-
-    lengths = np.asarray(elements.row_size, np.int64)[records]
-    idx = ranges(offsets[records], lengths)
-    seg = segment_ids(np.concatenate([[0], np.cumsum(lengths)]))
-    time = elements.time[idx].astype(np.float64)
-    ok = np.isfinite(time)
-    if ok.sum() >= 2:
-        gaps = _positive_gaps(time[ok], seg[ok])
-        tmin = np.full(len(records), np.inf)
-        tmax = np.full(len(records), -np.inf)
-        np.minimum.at(tmin, seg[ok], time[ok])
-        np.maximum.at(tmax, seg[ok], time[ok])
-        span = tmax - tmin
-        longest = float(np.max(span[np.isfinite(span)], initial=0.0))
-        shortest = float(np.percentile(gaps, 1)) if len(gaps) else longest
-        if longest > 0:
-            config.time_max_period = 2.0 * longest
-            config.time_min_period = max(shortest, longest * 1e-6)
-    coord = elements.coord[idx].astype(np.float64)
-    ok = np.isfinite(coord)
-    if ok.any():
-        lo, hi = float(coord[ok].min()), float(coord[ok].max())
-        gaps = _positive_gaps(coord[ok], seg[ok])
-        rng = hi - lo
-        config.coord_center = 0.5 * (lo + hi)
-        config.coord_scale = max(0.5 * rng, 1e-6 * max(abs(lo), abs(hi), 1.0), 1e-12)
-        if rng > 0:
-            config.coord_max_period = 2.0 * rng
-            config.coord_min_period = float(np.min(gaps)) if len(gaps) else rng
-            config.coord_min_period = max(config.coord_min_period, rng * 1e-6)
-        else:
-            config.coord_max_period = config.coord_min_period = max(abs(lo), 1.0)
-    for name in ("time_min_period", "time_max_period", "coord_min_period", "coord_max_period"):
-        if not math.isfinite(getattr(config, name)) or getattr(config, name) <= 0:
-            raise ValueError(f"bad data statistic {name}={getattr(config, name)}")
-    return config
+__all__ = ["ChannelSpec", "DataContract", "DecoderConfig", "HeadConfig", "InputConfig", "ModelConfig", "Sizes",
+           "build_dataclass"]

@@ -52,16 +52,15 @@ class FourierFeatures(nn.Module):
 
 
 class ElementEncoding(nn.Module):
-    """Tokens of packed elements (encoder inputs) and of queries (see the module docstring)."""
+    """Tokens of packed elements (encoder inputs) and of queries (see the module docstring): the model's
+    *input* slot."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        d = config.d_input
-        self.time_features = FourierFeatures(config.n_time_freqs, config.time_min_period,
-                                             config.time_max_period)
-        self.coord_features = FourierFeatures(config.n_coord_freqs, config.coord_min_period,
-                                              config.coord_max_period)
-        self.coord_center, self.coord_scale = config.coord_center, config.coord_scale
+        d, k = config.sizes.d_input, config.contract
+        self.time_features = FourierFeatures(config.input.n_time_freqs, k.time_min_period, k.time_max_period)
+        self.coord_features = FourierFeatures(config.input.n_coord_freqs, k.coord_min_period, k.coord_max_period)
+        self.coord_center, self.coord_scale = k.coord_center, k.coord_scale
         n_feat = self.time_features.n_features + 1 + self.coord_features.n_features + 2 + N_MEASUREMENT
         #: one projection of [time features, static, coord features, coord, no-coord, value, log error, known]
         self.proj = nn.Linear(n_feat, d)
@@ -70,7 +69,7 @@ class ElementEncoding(nn.Module):
         self.register_buffer("channel_modality",
                              torch.tensor(config.channel_modality or [0], dtype=torch.long), persistent=False)
         self.norm = nn.LayerNorm(d)
-        hidden = max(1, int(round(d * config.input_mlp_ratio)))
+        hidden = max(1, int(round(d * config.input.mlp_ratio)))
         self.mlp = (nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
                     if hidden > 1 else None)
         nn.init.normal_(self.channel.weight, std=0.5)
@@ -81,30 +80,39 @@ class ElementEncoding(nn.Module):
         """The learned encoding of a static element's (absent) time: a column of the projection."""
         return self.proj.weight[:, self.time_features.n_features]
 
-    def features(self, time: torch.Tensor, coord: torch.Tensor, value: torch.Tensor | None = None,
-                 error: torch.Tensor | None = None) -> torch.Tensor:
-        """The (N, n_features) float32 feature matrix; ``value=None`` for queries."""
+    def position_features(self, time: torch.Tensor, coord: torch.Tensor) -> torch.Tensor:
+        """The (N, n_position) float32 features of where an element is (time, coord): the same for an
+        observed element and for a query there, so the model computes them once per element."""
         static = torch.isnan(time)
         no_coord = torch.isnan(coord)
         tf = self.time_features(torch.nan_to_num(time, nan=0.0)) * (~static)[:, None]
         c = torch.nan_to_num(coord.float(), nan=self.coord_center)
         cf = self.coord_features(c) * (~no_coord)[:, None]
         c_lin = torch.where(no_coord, 0.0, (c - self.coord_center) / self.coord_scale)
-        parts = [tf, static[:, None].float(), cf, c_lin[:, None], no_coord[:, None].float()]
+        return torch.cat([tf, static[:, None].float(), cf, c_lin[:, None], no_coord[:, None].float()], dim=-1)
+
+    @staticmethod
+    def measurement_features(value: torch.Tensor | None, error: torch.Tensor | None,
+                             like: torch.Tensor) -> torch.Tensor:
+        """The (N, 3) measurement features (value, log error, error known); zeros for queries
+        (``value=None``). ``like``: a float32 (N, ...) tensor."""
         if value is None:
-            parts.append(tf.new_zeros(len(time), N_MEASUREMENT))
-        else:
-            known = torch.isfinite(error)
-            log_err = torch.where(known, torch.log(torch.nan_to_num(error, nan=1.0).clamp_min(1e-6)), 0.0)
-            v = torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0).clamp(-50.0, 50.0)
-            parts.append(torch.stack([v, log_err, known.float()], dim=-1))
-        return torch.cat(parts, dim=-1)
+            return like.new_zeros(len(like), N_MEASUREMENT)
+        known = torch.isfinite(error)
+        log_err = torch.where(known, torch.log(torch.nan_to_num(error, nan=1.0).clamp_min(1e-6)), 0.0)
+        v = torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0).clamp(-50.0, 50.0)
+        return torch.stack([v, log_err, known.float()], dim=-1)
 
     def forward(self, time: torch.Tensor, channel: torch.Tensor, coord: torch.Tensor,
-                value: torch.Tensor | None = None, error: torch.Tensor | None = None) -> torch.Tensor:
-        """Tokens (N, d_input): observed elements when ``value``/``error`` are given, else queries."""
+                value: torch.Tensor | None = None, error: torch.Tensor | None = None,
+                position: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens (N, d_input): observed elements when ``value``/``error`` are given, else queries.
+        ``position``: their :meth:`position_features`, when already computed."""
+        if position is None:
+            position = self.position_features(time, coord)
+        features = torch.cat([position, self.measurement_features(value, error, position)], dim=-1)
         table = self.channel.weight + self.modality.weight[self.channel_modality]
-        y = self.proj(self.features(time, coord, value, error))
+        y = self.proj(features)
         x = y + table[channel].to(y.dtype)
         if self.mlp is not None:
             x = x + self.mlp(self.norm(x))

@@ -20,8 +20,9 @@ Every step is linear in the elements and the queries of a record (the neighbour 
 10^5 elements costs about 100 times one of 10^3. Without gradients, :meth:`Percival.decode` runs the queries
 in chunks of :data:`QUERY_CHUNK`, so inference memory is bounded whatever the number of queries.
 
-Queries need not be observed elements: :func:`perceiver.inference.predict` asks for any (time, channel,
-coord).
+Queries need not be observed elements: :func:`pipelines.run.inference.predict` asks for any (time,
+channel, coord). The output head (:mod:`perceiver.heads`; Gaussian by default) turns a decoded query into
+a prediction and owns the loss.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from datasets.loader.batches import Batch
 from perceiver.attention import CrossAttentionBlock, SelfAttentionBlock, plan_varlen
 from perceiver.config import ModelConfig
 from perceiver.encodings import ElementEncoding
+from perceiver.heads import HeadOutput, build_head
 from perceiver.local_attention import LocalAttention
 from perceiver.neighbours import NeighbourFeatures
+from perceiver.packing import PackedBatch, subset_offsets
 
 #: queries decoded at once without gradients. Bounds inference memory (the local attention holds
 #: QUERY_CHUNK x window x 2 x d_input floats, ~330 MB at the default sizes); a chunk searches only its own
@@ -68,21 +70,20 @@ class Encoded:
 
 @dataclass
 class ModelOutput:
-    """Predictions for the target elements (packed in batch order), the latents, and the target offsets."""
+    """The head's prediction for the target elements (packed in batch order), the latents, and the target
+    offsets. ``mean`` / ``log_sigma``: the head's point prediction and scale (normalised units)."""
 
-    mean: torch.Tensor
-    log_sigma: torch.Tensor
+    head: HeadOutput
     latents: torch.Tensor
     target_offsets: torch.Tensor
 
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.head.mean
 
-def subset_offsets(offsets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Offsets (B+1, on the CPU) of the elements selected by ``mask`` from packed records."""
-    off = np.asarray(offsets.cpu(), np.int64)
-    m = np.asarray(mask.cpu(), bool)
-    seg = np.repeat(np.arange(len(off) - 1), np.diff(off))
-    counts = np.bincount(seg[m], minlength=len(off) - 1)
-    return torch.from_numpy(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+    @property
+    def log_sigma(self) -> torch.Tensor:
+        return self.head.log_sigma
 
 
 class Percival(nn.Module):
@@ -90,51 +91,52 @@ class Percival(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        c = self.config = config
-        if c.n_channels < 1 or len(c.channel_modality) != c.n_channels:
-            raise ValueError("ModelConfig needs the channel vocabulary: call fit_data_statistics first")
-        self.encoding = ElementEncoding(c)
-        self.latents = nn.Parameter(torch.randn(c.n_latents, c.d_latent) * 0.02)
-        self.encoder = CrossAttentionBlock(c.d_latent, c.d_input, c.cross_heads,
-                                           c.cross_head_dim or c.d_input, c.cross_mlp_ratio)
-        n_blocks = 1 if c.share_weights else c.n_layers
-        self.blocks = nn.ModuleList(SelfAttentionBlock(c.d_latent, c.n_heads, c.mlp_ratio)
-                                    for _ in range(n_blocks))
-        self.query_proj = nn.Linear(c.d_input, c.d_query)
-        self.neighbours = (NeighbourFeatures(c.d_query, c.time_min_period, c.coord_min_period,
-                                             c.n_channels if c.decoder_snapshot else 0)
-                           if c.decoder_neighbours else None)
-        head_dim = c.decoder_head_dim or c.d_query // c.decoder_heads
-        self.decoder = CrossAttentionBlock(c.d_query, c.d_latent, c.decoder_heads, head_dim,
-                                           c.decoder_mlp_ratio)
-        self.local_decoder = (LocalAttention(c.d_query, c.d_input, c.decoder_local_heads, c.decoder_local_time,
-                                             c.decoder_local_channel, c.time_min_period, c.coord_min_period,
-                                             c.decoder_mlp_ratio)
-                              if c.decoder_local_heads > 0 else None)
-        self.head_norm = nn.LayerNorm(c.d_query)
-        self.head = nn.Linear(c.d_query, 2)
-        self.log_min_sigma = float(np.log(c.min_sigma))
+        self.config = config
+        z, d = config.sizes, config.decoder
+        if config.n_channels < 1:
+            raise ValueError("ModelConfig needs its data contract (the channel vocabulary): fit one with "
+                             "datasets.loader.fit_contract")
+        self.encoding = ElementEncoding(config)
+        self.latents = nn.Parameter(torch.randn(z.n_latents, z.d_latent) * 0.02)
+        self.encoder = CrossAttentionBlock(z.d_latent, z.d_input, z.cross_heads, z.cross_head_dim or z.d_input,
+                                           z.cross_mlp_ratio)
+        n_blocks = 1 if z.share_weights else z.n_layers
+        self.blocks = nn.ModuleList(SelfAttentionBlock(z.d_latent, z.n_heads, z.mlp_ratio) for _ in range(n_blocks))
+        k = config.contract
+        self.query_proj = nn.Linear(z.d_input, d.d_query)
+        self.neighbours = (NeighbourFeatures(d.d_query, k.time_min_period, k.coord_min_period,
+                                             config.n_channels if d.snapshot else 0)
+                           if d.neighbours else None)
+        self.decoder = CrossAttentionBlock(d.d_query, z.d_latent, d.heads, d.head_dim or d.d_query // d.heads,
+                                           d.mlp_ratio)
+        self.local_decoder = (LocalAttention(d.d_query, z.d_input, d.local_heads, d.local_time, d.local_channel,
+                                             k.time_min_period, k.coord_min_period, d.mlp_ratio)
+                              if d.local_heads > 0 else None)
+        self.head = build_head(config.head, d.d_query)
 
     def encode(self, time: torch.Tensor, channel: torch.Tensor, coord: torch.Tensor, value: torch.Tensor,
-               error: torch.Tensor, offsets: torch.Tensor) -> Encoded:
-        """Latents (B, L, D) and tokens of packed observed elements (``offsets`` B+1 on the CPU)."""
-        tokens = self.encoding(time, channel, coord, value, error)
+               error: torch.Tensor, offsets: torch.Tensor, position: torch.Tensor | None = None) -> Encoded:
+        """Latents (B, L, D) and tokens of packed observed elements (``offsets`` B+1 on the CPU;
+        ``position``: their position features when already computed)."""
+        tokens = self.encoding(time, channel, coord, value, error, position=position)
         plan = plan_varlen(offsets, self.config.varlen).to(tokens.device)
         x = self.encoder.latents_to_elements(self.latents, tokens, plan)
-        for i in range(self.config.n_layers):
-            x = self.blocks[0 if self.config.share_weights else i](x)
+        shared = self.config.sizes.share_weights
+        for i in range(self.config.sizes.n_layers):
+            x = self.blocks[0 if shared else i](x)
         return Encoded(x, tokens, time, channel, coord, value, offsets)
 
     def decode(self, encoded: Encoded, time: torch.Tensor, channel: torch.Tensor, coord: torch.Tensor,
-               offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and log-sigma (normalised units, float32) of packed queries (time, channel, coord).
+               offsets: torch.Tensor, position: torch.Tensor | None = None) -> HeadOutput:
+        """The head's prediction (normalised units, float32) for packed queries (time, channel, coord;
+        ``position``: their position features when already computed).
 
-        A query's modality is its channel's (from the channel table); it carries no value. Queries are
+        A query's modality is its channel's (from the contract); it carries no value. Queries are
         independent of each other: without gradients they run in chunks of :data:`QUERY_CHUNK`.
         """
         n = len(channel)
         if torch.is_grad_enabled() or n <= QUERY_CHUNK:
-            return self._decode(encoded, time, channel, coord, offsets)
+            return self._decode(encoded, time, channel, coord, offsets, position)
         off = np.asarray(offsets.cpu(), np.int64)
         outs = []
         for start in range(0, n, QUERY_CHUNK):
@@ -144,12 +146,14 @@ class Percival(nn.Module):
             last = int(np.searchsorted(off, stop, side="left"))
             part = encoded.records(first, last)
             chunk_off = torch.from_numpy(np.clip(off[first:last + 1], start, stop) - start)
-            outs.append(self._decode(part, time[start:stop], channel[start:stop], coord[start:stop], chunk_off))
-        return torch.cat([m for m, _ in outs]), torch.cat([s for _, s in outs])
+            outs.append(self._decode(part, time[start:stop], channel[start:stop], coord[start:stop], chunk_off,
+                                     None if position is None else position[start:stop]))
+        return HeadOutput(torch.cat([o.mean for o in outs]), torch.cat([o.log_sigma for o in outs]),
+                          {k: torch.cat([o.extra[k] for o in outs]) for k in outs[0].extra})
 
     def _decode(self, encoded: Encoded, time: torch.Tensor, channel: torch.Tensor, coord: torch.Tensor,
-                offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q = self.query_proj(self.encoding(time, channel, coord))
+                offsets: torch.Tensor, position: torch.Tensor | None) -> HeadOutput:
+        q = self.query_proj(self.encoding(time, channel, coord, position=position))
         if self.neighbours is not None:
             q = q + self.neighbours(time, channel, coord, offsets, encoded.time, encoded.channel, encoded.coord,
                                     encoded.value, encoded.offsets)
@@ -158,28 +162,29 @@ class Percival(nn.Module):
         if self.local_decoder is not None:
             h = self.local_decoder(h, time, channel, coord, offsets, encoded.tokens, encoded.time,
                                    encoded.channel, encoded.coord, encoded.offsets)
-        return self.head_outputs(h)
+        return self.head(h)
 
-    def head_outputs(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and log-sigma (float32) from decoded query states; sigma = exp(raw) + min_sigma (smooth)."""
-        out = self.head(self.head_norm(h)).float()
-        log_sigma = torch.logaddexp(out[:, 1], torch.tensor(self.log_min_sigma, device=out.device))
-        return out[:, 0], log_sigma
-
-    def forward(self, batch: Batch) -> ModelOutput:
-        """Encode the visible elements of ``batch``, predict its target elements."""
+    def forward(self, batch: PackedBatch) -> ModelOutput:
+        """Encode the visible elements of ``batch``, predict its target elements (position features are
+        computed once per element and shared by the two)."""
         vis, tgt = batch.visible, batch.target
+        position = self.encoding.position_features(batch.time, batch.coord)
         all_vis = bool(vis.all())
         sel = (lambda x: x) if all_vis else (lambda x: x[vis])
         vis_offsets = batch.offsets if all_vis else subset_offsets(batch.offsets, vis)
         encoded = self.encode(sel(batch.time), sel(batch.channel), sel(batch.coord), sel(batch.value),
-                              sel(batch.error), vis_offsets)
+                              sel(batch.error), vis_offsets, sel(position))
         all_tgt = bool(tgt.all())
         pick = (lambda x: x) if all_tgt else (lambda x: x[tgt])
         tgt_offsets = batch.offsets if all_tgt else subset_offsets(batch.offsets, tgt)
-        mean, log_sigma = self.decode(encoded, pick(batch.time), pick(batch.channel), pick(batch.coord),
-                                      tgt_offsets)
-        return ModelOutput(mean, log_sigma, encoded.latents, tgt_offsets)
+        head = self.decode(encoded, pick(batch.time), pick(batch.channel), pick(batch.coord), tgt_offsets,
+                           pick(position))
+        return ModelOutput(head, encoded.latents, tgt_offsets)
+
+    def loss(self, batch: PackedBatch, output: ModelOutput) -> torch.Tensor:
+        """The head's training loss on the target elements of ``batch``."""
+        t = batch.target
+        return self.head.loss(output.head, batch.value[t], batch.error[t])
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

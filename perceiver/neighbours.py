@@ -18,15 +18,10 @@ import math
 import torch
 from torch import nn
 
+from perceiver.packing import segment_ids_tensor
+
 #: channel indices are below this (a (record, channel) group is one int64)
 CHANNEL_SPAN = 1 << 24
-
-
-def segment_ids(offsets: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Record index of each packed element, from ``offsets`` (B+1, CPU)."""
-    counts = torch.diff(offsets.to(torch.int64))
-    n = int(offsets[-1])
-    return torch.repeat_interleave(torch.arange(len(counts), device=device), counts.to(device), output_size=n)
 
 
 def key_windows(key_offsets: torch.Tensor, key_group: torch.Tensor, key_axes: list[torch.Tensor],
@@ -45,7 +40,7 @@ def key_windows(key_offsets: torch.Tensor, key_group: torch.Tensor, key_axes: li
     """
     device = key_group.device
     nk, nq = len(key_group), len(query_group)
-    record = torch.cat([segment_ids(key_offsets, device), segment_ids(query_offsets, device)])
+    record = torch.cat([segment_ids_tensor(key_offsets, device), segment_ids_tensor(query_offsets, device)])
     group = record * CHANNEL_SPAN + torch.cat([key_group, query_group]).to(torch.int64)
     # Stable sorts from the least significant key up; keys precede queries in the concatenation, so they
     # stay first among equals (an equal key counts as "at or before").

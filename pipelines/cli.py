@@ -9,20 +9,15 @@ import sys
 from pathlib import Path
 
 from pipelines import prefect_env
+from pipelines.options import OptionError, parse_pairs
 from pipelines.serve import add_serve_parser
 
 
 def _options(pairs: list[str]) -> dict:
-    out = {}
-    for p in pairs or []:
-        key, sep, value = p.partition("=")
-        if not sep:
-            raise SystemExit(f"--option expects KEY=VALUE, got {p!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    try:
+        return parse_pairs(pairs, "--option")
+    except OptionError as e:
+        raise SystemExit(str(e)) from None
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -69,7 +64,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     with prefect_env.api():
         summary = train_flow(args.store, args.out, preset=args.preset, steps=args.steps, overrides=args.set,
-                             config_path=args.config, nproc=args.nproc, resume=not args.no_resume)
+                             config_path=args.config, nproc=args.nproc, resume=not args.no_resume,
+                             head=args.head)
     print(json.dumps(summary, indent=1, default=str))
     return 0
 
@@ -143,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--config", default=None, help="a RunConfig JSON file (instead of --preset)")
     tr.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                     help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
+    tr.add_argument("--head", default=None, help="output head: gaussian (the default) or another registered "
+                                                  "in perceiver.heads.HEADS")
     tr.add_argument("--nproc", type=int, default=1, help="DDP processes (torchrun); default 1")
     tr.add_argument("--no-resume", action="store_true", help="start afresh even if --out holds a checkpoint")
     tr.set_defaults(fn=cmd_train)

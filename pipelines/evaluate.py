@@ -1,4 +1,4 @@
-"""The ``evaluate`` Prefect flow: the fixed, seeded held-out protocol of :mod:`perceiver.evaluation`.
+"""The ``evaluate`` Prefect flow: the fixed, seeded held-out protocol of :mod:`pipelines.run.evaluation`.
 
 For each protocol (``holdout``: 30 % of every record's elements hidden at random; ``modality:NAME``: one whole
 modality hidden) the trained model and five baselines (channel mean of the train split, per-record mean,
@@ -6,7 +6,7 @@ forward fill, per-record per-channel linear interpolation in time, and gradient 
 split with the decoder's evidence) predict exactly the same hidden elements of the scored split (``split``:
 ``test`` by default; ``val`` for choosing models and settings without touching test). The baselines'
 constant σ per channel is fitted first on the hidden elements of another split: ``val`` when test is scored,
-the train records held out of the gradient-boost fit when val is scored (:mod:`perceiver.evaluation`).
+the train records held out of the gradient-boost fit when val is scored (:mod:`pipelines.run.evaluation`).
 
 Tasks: ``plan`` (check the protocols against the store and the checkpoint), ``channel-means`` (the train
 split's mean normalised value per channel, for the channel-mean baseline), ``evaluate-PROTOCOL`` (all the
@@ -23,7 +23,6 @@ artifacts: a Markdown report, a table of every protocol × method, and the plots
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import time
 from datetime import UTC, datetime
@@ -42,21 +41,22 @@ MAX_EMBEDDED_PNG = 512 * 1024
 
 @task(name="plan", task_run_name="plan")
 def plan_task(store: str, checkpoint: str, protocols: list[str]) -> list[str]:
-    """The protocols' canonical names, after checking them against the store and the checkpoint."""
-    from datasets.loader.batches import modality_names
+    """The protocols' canonical names, after checking them against the store and the checkpoint's data
+    contract."""
+    from datasets.loader import match_channels
     from datasets.store import open_store
-    from perceiver.config import RunConfig
-    from perceiver.evaluation import Protocol, check_model_matches_store
+    from perceiver.checkpoint import load
+    from pipelines.run.protocols import Protocol
 
     s = open_store(store)
-    config = RunConfig.from_json(Path(checkpoint) / "config.json")
-    check_model_matches_store(config, s)
-    have = modality_names(s.channels)
+    contract = load(checkpoint).config.contract
+    match_channels(contract, s.channels, store)  # the model-matches-store check, before any work
+    have = contract.modalities
     names = []
     for spec in protocols:
         p = Protocol.parse(spec)
         if p.kind == "modality" and p.modality not in have:
-            raise ValueError(f"protocol {spec!r}: store {store} has no modality {p.modality!r}; it has {have}")
+            raise ValueError(f"protocol {spec!r}: the model has no modality {p.modality!r}; it has {have}")
         names.append(p.name)
     if len(set(names)) != len(names):
         raise ValueError(f"protocols repeat: {names}")
@@ -65,20 +65,21 @@ def plan_task(store: str, checkpoint: str, protocols: list[str]) -> list[str]:
 
 @task(name="channel-means", task_run_name="channel-means", retries=2, retry_delay_seconds=1,
       retry_condition_fn=retry_on_io)
-def channel_means_task(store: str) -> list[float]:
-    from perceiver.evaluation import train_channel_means
+def channel_means_task(store: str, checkpoint: str) -> list[float]:
+    from perceiver.checkpoint import load
+    from pipelines.run.evaluation import train_channel_means
 
-    return train_channel_means(store).tolist()
+    return train_channel_means(store, load(checkpoint).config.contract).tolist()
 
 
 @task(retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io, task_run_name="evaluate-{protocol}")
 def evaluate_task(store: str, checkpoint: str, protocol: str, seed: int, max_records: int | None,
                   means: list[float], split: str = "test", gradient_boost_elements: int | None = None) -> dict:
-    from perceiver.baselines import GRADIENT_BOOST_MAX_ELEMENTS
-    from perceiver.checkpoint import load
-    from perceiver.evaluation import evaluate_protocol
+    from pipelines.run.baselines import GRADIENT_BOOST_MAX_ELEMENTS
+    from pipelines.run.config import load_run
+    from pipelines.run.evaluation import evaluate_protocol
 
-    model, config = load(checkpoint)
+    model, config = load_run(checkpoint)
     result = evaluate_protocol(store, model, config, protocol, seed=seed, max_records=max_records, means=means,
                                score_split=split,
                                gradient_boost_elements=gradient_boost_elements or GRADIENT_BOOST_MAX_ELEMENTS)
@@ -92,14 +93,15 @@ def plots_task(store: str, checkpoint: str, protocol: str, seed: int, max_record
                means: list[float], result: dict, out_dir: str) -> list[str]:
     from datasets.store import open_store
     from perceiver.checkpoint import load
-    from perceiver.evaluation import Protocol, ProtocolResult, load_split, split_plan
-    from perceiver.plots import calibration_plot, record_plot
+    from pipelines.run.evaluation import ProtocolResult
+    from pipelines.run.plots import calibration_plot, record_plot
+    from pipelines.run.protocols import Protocol, load_split, split_plan
 
-    model, config = load(checkpoint)
+    model = load(checkpoint)
     s = open_store(store)
     r = ProtocolResult.from_dict(result)
     p = Protocol.parse(protocol)
-    ds = load_split(s, r.score_split, config.model.modalities, max_records)
+    ds = load_split(s, r.score_split, model.config.contract, max_records)
     hidden = split_plan(ds, p, seed, r.score_split)
     out = Path(out_dir)
     records = record_plot(model, ds, hidden, out / f"{p.slug}-records.png", s.time_unit, means=means,
@@ -107,16 +109,6 @@ def plots_task(store: str, checkpoint: str, protocol: str, seed: int, max_record
     calibration = calibration_plot(r.levels, r.calibration, out / f"{p.slug}-calibration.png",
                                    title=f"{protocol}: calibration on {r.score_split}", n=r.n_elements)
     return [str(records), str(calibration)]
-
-
-def _sha256(path: Path) -> str | None:
-    if not path.exists():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _image_url(path: Path) -> str:
@@ -129,8 +121,10 @@ def _image_url(path: Path) -> str:
 @task(name="report", task_run_name="report")
 def report_task(results: list[dict], plots: dict[str, list[str]], out_dir: str, store: str, checkpoint: str,
                 seed: int, max_records: int | None, split: str = "test") -> dict:
-    from perceiver.checkpoint import WEIGHTS
-    from perceiver.evaluation import Protocol, ProtocolResult, report_markdown, table_rows
+    from perceiver.checkpoint import weights_sha256
+    from pipelines.run.evaluation import ProtocolResult
+    from pipelines.run.protocols import Protocol
+    from pipelines.run.report import report_markdown, table_rows
 
     out = Path(out_dir)
     res = [ProtocolResult.from_dict(r) for r in results]
@@ -138,7 +132,7 @@ def report_task(results: list[dict], plots: dict[str, list[str]], out_dir: str, 
     markdown = report_markdown(res, store, checkpoint, names)
     md_path, json_path = out / "evaluation.md", out / "evaluation.json"
     md_path.write_text(markdown + "\n")
-    doc = {"store": store, "checkpoint": checkpoint, "checkpoint_sha256": _sha256(Path(checkpoint) / WEIGHTS),
+    doc = {"store": store, "checkpoint": checkpoint, "checkpoint_sha256": weights_sha256(checkpoint),
            "split": split, "seed": seed, "max_records": max_records,
            "created": datetime.now(UTC).isoformat(timespec="seconds"),
            "protocols": results, "plots": names}
@@ -177,7 +171,7 @@ def evaluate_flow(store: str, checkpoint: str, out_dir: str, protocols: tuple[st
     settings); write ``evaluation.md``, ``evaluation.json`` and PNG plots into ``out_dir``; publish them as
     artifacts. ``max_records`` limits each split to its first records (a quick look);
     ``gradient_boost_elements`` caps the gradient-boost baseline's training elements (default
-    :data:`perceiver.baselines.GRADIENT_BOOST_MAX_ELEMENTS`). Returns a small summary: files, the split, and
+    :data:`pipelines.run.baselines.GRADIENT_BOOST_MAX_ELEMENTS`). Returns a small summary: files, the split, and
     per protocol the counts and the overall MSE per method."""
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
@@ -185,7 +179,7 @@ def evaluate_flow(store: str, checkpoint: str, out_dir: str, protocols: tuple[st
     logger = get_run_logger()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     names = plan_task(store, checkpoint, list(protocols))
-    means = channel_means_task(store)
+    means = channel_means_task(store, checkpoint)
     results, plots = [], {}
     for name in names:
         result = evaluate_task(store, checkpoint, name, seed, max_records, means, split, gradient_boost_elements)

@@ -5,7 +5,7 @@ checkpoint, reconstruct records A..B, stage the arrays as .npz; retried on I/O e
 (append the staged shard to the output store, in shard order). With ``folds`` >= 2 (default 5) every
 observed element also gets an out-of-sample reconstruction made with its fold of the record hidden, and a
 standardised residual ``residual_z`` to scan the archive for anomalies (see
-:mod:`perceiver.reconstruction`); ``folds`` is part of the output's provenance and a re-run into the same
+:mod:`pipelines.run.reconstruction`); ``folds`` is part of the output's provenance and a re-run into the same
 output must use the same value. Shards run in ``workers`` local processes
 (a local Dask cluster) or on an existing Dask cluster (``dask_address``) through ``DaskTaskRunner``; every
 worker reports to this flow's Prefect API. A killed run re-run skips the shards already committed, and the
@@ -21,7 +21,6 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 from prefect import flow, get_run_logger, task
@@ -32,7 +31,6 @@ from datasets.store.appendable import StoreError
 from datasets.store.reconstruction import (
     ReconstructionWriter,
     committed_meta,
-    file_sha256,
     reconstruction_arrays,
     store_folds,
 )
@@ -66,13 +64,13 @@ def reconstruct_shard_task(store: str, checkpoint: str, start: int, stop: int, s
     import torch
 
     from perceiver.checkpoint import load
-    from perceiver.reconstruction import GridSpec, reconstruct
+    from pipelines.run.reconstruction import GridSpec, reconstruct
 
     caller_threads = torch.get_num_threads()  # in-process runs give the caller (a notebook) its setting back
     torch.set_num_threads(max(1, threads))
     try:
         s = open_store(store)
-        model, _ = load(checkpoint)
+        model = load(checkpoint)
         elements = s.read(start, stop)
         dtype = torch.bfloat16 if precision == "bf16" else None
         r = reconstruct(model, elements, s.channels, GridSpec(**grid), max_tokens=max_tokens, dtype=dtype,
@@ -99,23 +97,26 @@ def commit_task(out: str, provenance: dict, d_latent: int, start: int, stop: int
 def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: int = 2000, grid_times: int = 64,
                      grid_coords: int = 0, grid_channels: list[str] | None = None, workers: int = 1,
                      dask_address: str | None = None, precision: str = "fp32", max_tokens: int = 16_384,
-                     folds: int = 5) -> dict:  # = perceiver.reconstruction.DEFAULT_FOLDS (torch-free import)
+                     folds: int = 5) -> dict:  # = pipelines.run.reconstruction.DEFAULT_FOLDS (torch-free import)
     """Reconstruct every record of ``store`` with the model in ``checkpoint`` into the Zarr store ``out``.
 
     ``folds`` >= 2 adds the out-of-sample outputs (``mean_oos``, ``sigma_oos``, their normalised versions
     and ``residual_z``) at about ``folds`` times the encoder cost; 0 or 1 leaves them out."""
     t0 = time.perf_counter()
-    from perceiver.checkpoint import load
+    from datasets.loader import match_channels
+    from perceiver.checkpoint import weights_sha256
+    from pipelines.run.config import load_run
 
     if folds < 0:
         raise ValueError(f"folds must be >= 0 (0 or 1: no out-of-sample outputs), got {folds}")
     folds = folds if folds >= 2 else 0
 
-    model, config = load(checkpoint)
+    model, config = load_run(checkpoint)
+    match_channels(model.config.contract, open_store(store).channels, store)  # fail before any shard runs
     provenance = {
         "input_store": os.path.abspath(store) if "://" not in store else store,
         "checkpoint": os.path.abspath(checkpoint),
-        "checkpoint_sha256": file_sha256(Path(checkpoint) / "model.safetensors"),
+        "checkpoint_sha256": weights_sha256(checkpoint),
         "model_config": config.to_dict(), "code_version": code_version(),
         "grid": {"n_times": grid_times, "n_coords": grid_coords, "channels": grid_channels},
         "precision": precision, "folds": folds,
@@ -137,7 +138,7 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
                     "folds": folds}
             with prefect_env.workers_share_api():
                 for (a, b), path in zip(shards, _run_shards(shards, args, workers, dask_address), strict=True):
-                    done += commit_task(out, provenance, model.config.d_latent, a, b, path)
+                    done += commit_task(out, provenance, model.config.sizes.d_latent, a, b, path)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - t0

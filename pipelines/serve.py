@@ -26,6 +26,8 @@ import zoneinfo
 from pathlib import Path
 from typing import Any
 
+from pipelines.options import OptionError, parse_pairs
+
 
 @dataclasses.dataclass(frozen=True)
 class Schedulable:
@@ -238,16 +240,10 @@ def _merge_schedules(*levels: dict) -> dict:
 
 
 def _params(pairs: list[str] | None) -> dict:
-    out = {}
-    for p in pairs or []:
-        key, sep, value = p.partition("=")
-        if not sep or not key:
-            raise ServeError(f"--param expects KEY=VALUE, got {p!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    try:
+        return parse_pairs(pairs, "--param")
+    except OptionError as e:
+        raise ServeError(str(e)) from None
 
 
 def collect(args: argparse.Namespace) -> list[Entry]:

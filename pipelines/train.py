@@ -1,6 +1,6 @@
 """The ``train`` Prefect flow: a store and a config -> a checkpoint directory.
 
-One coarse task trains (:func:`perceiver.train.train`: AdamW, warm-up + cosine, exact resume) and writes
+One coarse task trains (:func:`pipelines.run.training.train`: AdamW, warm-up + cosine, exact resume) and writes
 ``config.json``, ``model.safetensors``, ``training_state.pt`` and ``metrics.jsonl`` into ``out_dir``. Re-running
 the flow on the same ``out_dir`` resumes from its own checkpoint. ``nproc`` > 1 launches ``torchrun`` as a
 subprocess for multi-process DDP (gloo on CPU, nccl on GPU). A Markdown artifact reports the final losses.
@@ -19,20 +19,18 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from datasets.store import open_store
-from perceiver.config import ModelConfig, RunConfig
+from perceiver.config import ModelConfig
+from pipelines.run.config import RunConfig, apply_overrides
 
 
 def build_config(preset: str = "small", steps: int | None = None, overrides: list[str] | None = None,
-                 config_path: str | None = None) -> RunConfig:
-    """A RunConfig from a JSON file, or a model preset, then ``section.field=value`` overrides."""
-    from perceiver.train import _apply_override
-
+                 config_path: str | None = None, head: str | None = None) -> RunConfig:
+    """A RunConfig from a JSON file, or a model preset, then the output ``head`` (a name registered in
+    :data:`perceiver.heads.HEADS`) and ``section.field=value`` overrides."""
     config = RunConfig.from_json(config_path) if config_path else RunConfig(model=ModelConfig.preset(preset))
     if steps is not None:
         config.train.steps = steps
-    for item in overrides or []:
-        config = _apply_override(config, item)
-    return config
+    return apply_overrides(config, ([f"model.head.name={head}"] if head else []) + list(overrides or []))
 
 
 @task(name="train", task_run_name="train")
@@ -40,7 +38,7 @@ def train_task(store: str, out_dir: str, config_json: str, nproc: int, resume: b
     logger = get_run_logger()
     config = RunConfig.from_json(config_json)
     if nproc <= 1:
-        from perceiver.train import train
+        from pipelines.run.training import train
 
         s = open_store(store)
         last = {"t": time.perf_counter()}
@@ -55,8 +53,8 @@ def train_task(store: str, out_dir: str, config_json: str, nproc: int, resume: b
     cfg_path = Path(out_dir) / "requested_config.json"
     cfg_path.write_text(config_json)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "perceiver.train", "--data", "datasets.store.reader:training_data", "--data-arg", store,
-           "--out", out_dir, "--config", str(cfg_path)] + ([] if resume else ["--no-resume"])
+           "-m", "pipelines.run.training", "--store", store, "--out", out_dir, "--config", str(cfg_path)]
+    cmd += [] if resume else ["--no-resume"]
     logger.info("launching %s", " ".join(cmd))
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -67,12 +65,12 @@ def train_task(store: str, out_dir: str, config_json: str, nproc: int, resume: b
 @flow(name="train", log_prints=True)
 def train_flow(store: str, out_dir: str, preset: str = "small", steps: int | None = None,
                overrides: list[str] | None = None, config_path: str | None = None, nproc: int = 1,
-               resume: bool = True) -> dict:
+               resume: bool = True, head: str | None = None) -> dict:
     """Train on the train split of ``store`` into ``out_dir`` (resuming where it holds a checkpoint)."""
     from perceiver.checkpoint import read_metrics
 
     t0 = time.perf_counter()
-    config = build_config(preset, steps, overrides, config_path)
+    config = build_config(preset, steps, overrides, config_path, head)
     path = train_task(store, out_dir, config.to_json(), nproc, resume)
     metrics = read_metrics(path)
     train_rows = [m for m in metrics if m.get("split") == "train"]

@@ -39,8 +39,9 @@ def physionet_sample_store(tmp_path_factory, samples) -> str:
 def tiny_checkpoint(tmp_path_factory, physionet_sample_store) -> str:
     """A tiny model trained for a few steps on the PhysioNet sample (read-only for tests)."""
     from datasets.store import open_store
-    from perceiver.config import ModelConfig, RunConfig, TrainConfig
-    from perceiver.train import train
+    from perceiver.config import ModelConfig
+    from pipelines.run.config import RunConfig, TrainConfig
+    from pipelines.run.training import train
 
     out = str(tmp_path_factory.mktemp("shared") / "tiny-checkpoint")
     store = open_store(physionet_sample_store)

@@ -8,7 +8,7 @@ import pytest
 
 from datasets.loader import ElementDataset
 from datasets.loader.synthetic import synthetic_elements
-from perceiver.baselines import (
+from pipelines.run.baselines import (
     along_axis,
     channel_means,
     fit_gradient_boost,
@@ -17,7 +17,7 @@ from perceiver.baselines import (
     per_record_mean,
     predict_baseline,
 )
-from perceiver.evaluation import split_plan
+from pipelines.run.protocols import split_plan
 
 
 def test_spectra_are_interpolated_along_wavelength_and_light_curves_along_time():

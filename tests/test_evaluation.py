@@ -1,4 +1,4 @@
-"""perceiver.evaluation (protocol, baselines on the hidden elements, scoring), perceiver.plots, and the
+"""pipelines.run.evaluation (protocol, baselines on the hidden elements, scoring), pipelines.run.plots, and the
 ``evaluate`` Prefect flow end to end on the bundled PhysioNet sample."""
 
 from __future__ import annotations
@@ -12,27 +12,25 @@ import pytest
 import torch
 
 from datasets.format import ElementSet
-from datasets.loader import ElementDataset
+from datasets.loader import ElementDataset, fit_contract
 from datasets.loader.synthetic import synthetic_elements
-from perceiver.config import ModelConfig, RunConfig, TrainConfig, fit_data_statistics
-from perceiver.evaluation import (
+from perceiver.config import ModelConfig
+from perceiver.model import Percival
+from pipelines.run.config import RunConfig, TrainConfig
+from pipelines.run.evaluation import (
     METHODS,
-    Protocol,
     ProtocolResult,
     baseline_predictions,
     coverage_curve,
     evaluate_protocol,
     fit_constant_sigma,
-    hidden_elements,
-    load_split,
-    masked_batch,
     model_predictions,
     reserved_records,
     score,
-    split_plan,
     train_channel_means,
 )
-from perceiver.model import Percival
+from pipelines.run.inference import masked_batch
+from pipelines.run.protocols import Protocol, hidden_elements, load_split, split_plan
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -184,8 +182,8 @@ def test_protocol_names():
 def test_model_predicts_exactly_the_hidden_elements_whatever_the_batching():
     elements, channels = synthetic_elements(n_records=12, seed=2, lengths=np.arange(12) * 7 + 5)
     torch.manual_seed(0)
-    model = Percival(fit_data_statistics(ModelConfig.preset("tiny"), elements, channels)).eval()
-    ds = ElementDataset(elements, channels, modalities=model.config.modalities)
+    model = Percival(ModelConfig.preset("tiny", contract=fit_contract(elements, channels))).eval()
+    ds = ElementDataset(elements, channels, model.config.contract)
     hidden = split_plan(ds, "holdout", seed=0, split="test")
     m1, s1 = model_predictions(model, ds, hidden, batch_tokens=100, max_records=3)
     m2, s2 = model_predictions(model, ds, hidden, batch_tokens=100_000, max_records=None)
@@ -206,7 +204,7 @@ def test_model_predicts_exactly_the_hidden_elements_whatever_the_batching():
 def physionet_run(tmp_path_factory, samples):
     from datasets.ingest import ingest
     from datasets.store import open_store
-    from perceiver.train import train
+    from pipelines.run.training import train
 
     root = tmp_path_factory.mktemp("evaluate")
     store = str(root / "physionet.zarr")
@@ -225,6 +223,7 @@ def test_evaluate_flow_end_to_end(physionet_run):
     from prefect_runs import flow_run_record
 
     from datasets.store import open_store
+    from perceiver.checkpoint import load
     from pipelines.evaluate import evaluate_flow
 
     store, checkpoint, root = physionet_run
@@ -254,13 +253,14 @@ def test_evaluate_flow_end_to_end(physionet_run):
 
     # the holdout protocol hid round(30 %) of every test record, and the baselines' sigma was fitted on val
     st = open_store(store)
-    test = load_split(st, "test")
+    contract = load(checkpoint).config.contract
+    test = load_split(st, "test", contract)
     h = split_plan(test, "holdout", seed=0, split="test")
     assert results["holdout"].n_elements == int(h.sum()) == int(np.clip(np.rint(0.3 * test.lengths), 1,
                                                                         test.lengths - 1).sum())
-    val = load_split(st, "val")
+    val = load_split(st, "val", contract)
     hv = split_plan(val, "holdout", seed=0, split="val")
-    pred = baseline_predictions(val, hv, train_channel_means(st))["forward_fill"]
+    pred = baseline_predictions(val, hv, train_channel_means(st, contract))["forward_fill"]
     hr = val.channel[hv] == 0
     rms = math.sqrt(np.mean((val.value[hv][hr] - pred[hr]) ** 2))
     assert results["holdout"].baseline_sigma["forward_fill"]["HR"] == pytest.approx(rms, rel=1e-6)
@@ -296,13 +296,13 @@ def test_flow_rejects_an_unknown_modality_before_any_work(physionet_run, tmp_pat
 
 def test_evaluate_protocol_on_val_fits_sigma_on_reserved_train_records_and_never_reads_test(physionet_run,
                                                                                            monkeypatch):
-    import perceiver.evaluation as evaluation
+    import pipelines.run.evaluation as evaluation
     from datasets.store import open_store
-    from perceiver.checkpoint import load
+    from pipelines.run.config import load_run
 
     store, checkpoint, _ = physionet_run
     st = open_store(store)
-    model, config = load(checkpoint)
+    model, config = load_run(checkpoint)
     loaded = []
 
     def spy(store_, split, *args, **kwargs):
@@ -310,7 +310,7 @@ def test_evaluate_protocol_on_val_fits_sigma_on_reserved_train_records_and_never
         return load_split(store_, split, *args, **kwargs)
 
     monkeypatch.setattr(evaluation, "load_split", spy)
-    means = train_channel_means(st)
+    means = train_channel_means(st, model.config.contract)
     r = evaluate_protocol(st, model, config, "holdout", seed=0, means=means, score_split="val",
                           gradient_boost_elements=3000, gradient_boost_params={"max_iter": 30})
     assert "test" not in loaded and (r.score_split, r.fit_split) == ("val", "train")
@@ -320,10 +320,10 @@ def test_evaluate_protocol_on_val_fits_sigma_on_reserved_train_records_and_never
     assert list(r.evidence) == list(METHODS) and "3,000 hidden elements" in r.evidence["gradient_boost"]
     assert "held out of the gradient-boost fit" in r.sigma_source
 
-    val = load_split(st, "val")
+    val = load_split(st, "val", model.config.contract)
     assert r.n_elements == int(split_plan(val, "holdout", seed=0, split="val").sum())
     # the baselines' sigma: fitted on the reserved train records' hidden elements only
-    train = load_split(st, "train")
+    train = load_split(st, "train", model.config.contract)
     reserved = reserved_records(len(train), 0)[np.repeat(np.arange(len(train)), train.lengths)]
     plan = split_plan(train, "holdout", seed=0, split="train")
     fit = plan & reserved

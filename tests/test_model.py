@@ -9,14 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.loader import Batch, ElementDataset, MaskingConfig
+from datasets.loader import ElementDataset, MaskingConfig, fit_contract
 from datasets.loader.synthetic import synthetic_elements
 from perceiver import checkpoint
 from perceiver.attention import attend_packed_keys, plan_varlen
-from perceiver.config import ModelConfig, RunConfig, TrainConfig, fit_data_statistics
-from perceiver.inference import Queries, predict
-from perceiver.model import ModelOutput, Percival, subset_offsets
-from perceiver.objective import Metrics, gaussian_nll, loss
+from perceiver.config import ModelConfig
+from perceiver.heads.gaussian import gaussian_nll
+from perceiver.metrics import Metrics
+from perceiver.model import Percival
+from perceiver.packing import PackedBatch, subset_offsets
+from pipelines.run.config import RunConfig, load_run
+from pipelines.run.inference import Queries, predict
 
 ATOL = 2e-5
 
@@ -30,12 +33,12 @@ def data():
 
 def make_model(data, seed: int = 0, **overrides) -> Percival:
     elements, channels, _ = data
-    config = fit_data_statistics(ModelConfig.preset("tiny", **overrides), elements, channels)
+    config = ModelConfig.preset("tiny", contract=fit_contract(elements, channels), **overrides)
     torch.manual_seed(seed)
     return Percival(config).eval()
 
 
-def masked(ds: ElementDataset, items, seed: int = 0) -> Batch:
+def masked(ds: ElementDataset, items, seed: int = 0) -> PackedBatch:
     return ds.collate(items, MaskingConfig(holdout=0.4, modality_dropout=0.3), np.random.default_rng(seed))
 
 
@@ -50,20 +53,21 @@ def test_shapes(data):
     out = model(batch)
     n_tgt = int(batch.target.sum())
     assert out.mean.shape == out.log_sigma.shape == (n_tgt,)
-    assert out.latents.shape == (4, model.config.n_latents, model.config.d_latent)
+    assert out.latents.shape == (4, model.config.sizes.n_latents, model.config.sizes.d_latent)
     assert out.target_offsets.tolist()[-1] == n_tgt
     assert torch.isfinite(out.mean).all() and torch.isfinite(out.log_sigma).all()
-    assert (out.log_sigma >= np.log(model.config.min_sigma) - 1e-6).all()
+    assert (out.log_sigma >= np.log(model.config.head.min_sigma) - 1e-6).all()
 
 
 def test_fourier_scales_come_from_data(data):
     elements, channels, _ = data
-    config = fit_data_statistics(ModelConfig.preset("tiny"), elements, channels)
+    config = ModelConfig.preset("tiny", contract=fit_contract(elements, channels))
     spans = [np.nanmax(elements.time[a:b]) - np.nanmin(elements.time[a:b])
              for a, b in zip(elements.offsets[:-1], elements.offsets[1:], strict=True)]
-    assert config.time_max_period == pytest.approx(2 * max(spans))
-    assert 0 < config.time_min_period < 1.0
-    assert config.coord_max_period == pytest.approx(2 * (6231.0 - 4770.0))
+    k = config.contract
+    assert k.time_max_period == pytest.approx(2 * max(spans))
+    assert 0 < k.time_min_period < 1.0
+    assert k.coord_max_period == pytest.approx(2 * (6231.0 - 4770.0))
     assert config.channel_names == list(channels["name"]) and len(config.modalities) == 4
 
 
@@ -108,7 +112,7 @@ def test_permutation_invariance(data):
     g = torch.Generator().manual_seed(0)
     perm = torch.cat([torch.randperm(int(b - a), generator=g) + a
                       for a, b in zip(batch.offsets[:-1], batch.offsets[1:], strict=True)])
-    shuffled = Batch(**{f.name: getattr(batch, f.name)[perm] if getattr(batch, f.name).shape[:1] == perm.shape
+    shuffled = PackedBatch(**{f.name: getattr(batch, f.name)[perm] if getattr(batch, f.name).shape[:1] == perm.shape
                         and f.name not in ("offsets", "record_index", "t_ref") else getattr(batch, f.name)
                         for f in dataclasses.fields(batch)})
     out2 = model(shuffled)
@@ -152,8 +156,8 @@ def test_local_decoder_reads_only_a_bounded_neighbourhood(data):
     """A query's prediction does not change when a visible element outside its windows changes: the decoder's
     cost per query is fixed, whatever the record's length."""
     elements, channels, ds = data
-    config = fit_data_statistics(ModelConfig.preset("tiny", decoder_local_time=2, decoder_local_channel=1,
-                                                    decoder_neighbours=False), elements, channels)
+    config = ModelConfig.preset("tiny", contract=fit_contract(elements, channels), decoder_local_time=2,
+                                decoder_local_channel=1, decoder_neighbours=False)
     torch.manual_seed(0)
     model = Percival(config).eval()
     batch = ds.collate([3])  # 120 elements
@@ -165,17 +169,17 @@ def test_local_decoder_reads_only_a_bounded_neighbourhood(data):
                                                    torch.tensor([0, 1]), batch.time, batch.channel, batch.coord,
                                                    batch.offsets)
         assert 0 < int((window >= 0).sum()) <= 6
-        mean, _ = model.decode(encoded, batch.time[q], batch.channel[q], batch.coord[q], torch.tensor([0, 1]))
+        mean = model.decode(encoded, batch.time[q], batch.channel[q], batch.coord[q], torch.tensor([0, 1])).mean
         outside = torch.ones(n, dtype=torch.bool)
         outside[window[window >= 0]] = False
         noise = torch.randn_like(encoded.tokens)  # not a constant shift: the keys' LayerNorm would remove it
         tokens = torch.where(outside[:, None], encoded.tokens + noise, encoded.tokens)
         changed = dataclasses.replace(encoded, tokens=tokens)
-        mean2, _ = model.decode(changed, batch.time[q], batch.channel[q], batch.coord[q], torch.tensor([0, 1]))
+        mean2 = model.decode(changed, batch.time[q], batch.channel[q], batch.coord[q], torch.tensor([0, 1])).mean
         torch.testing.assert_close(mean2, mean)
         inside = torch.where(~outside[:, None], encoded.tokens + noise, encoded.tokens)
-        mean3, _ = model.decode(dataclasses.replace(encoded, tokens=inside), batch.time[q], batch.channel[q],
-                                batch.coord[q], torch.tensor([0, 1]))
+        mean3 = model.decode(dataclasses.replace(encoded, tokens=inside), batch.time[q], batch.channel[q],
+                             batch.coord[q], torch.tensor([0, 1])).mean
         assert not torch.allclose(mean3, mean)
 
 
@@ -200,12 +204,11 @@ def test_chunked_inference_equals_one_pass(data, monkeypatch):
 
 def test_configs_of_the_retired_quadratic_decoder_are_refused_clearly():
     data = RunConfig().to_dict()
-    data["model"].pop("decoder_local_heads")
     data["model"]["decoder_element_heads"] = 4
     with pytest.raises(ValueError, match="O\\(N\\^2\\)"):
         RunConfig.from_dict(data)
     data["model"]["decoder_element_heads"] = 0
-    assert RunConfig.from_dict(data).model.decoder_local_heads == RunConfig().model.decoder_local_heads
+    assert RunConfig.from_dict(data).model.decoder.local_heads == RunConfig().model.decoder.local_heads
 
 
 def test_hidden_elements_do_not_leak_into_the_encoder(data):
@@ -237,7 +240,7 @@ def test_queries_are_independent_of_each_other(data):
     b = predict(model, batch, Queries.from_arrays([1.0, 9.0, 2.0, 3.0, 5.0], [0, 2, 1, 4, 3],
                                                   [np.nan, np.nan, np.nan, 4770.0, np.nan], [3, 2]))
     torch.testing.assert_close(b.mean[[0, 2, 3]], a.mean, atol=ATOL, rtol=1e-5)
-    assert a.latent.shape == (2, model.config.d_latent) and (a.sigma > 0).all()
+    assert a.latent.shape == (2, model.config.sizes.d_latent) and (a.sigma > 0).all()
 
 
 def test_predict_observed_matches_forward(data):
@@ -262,7 +265,7 @@ def test_static_elements_use_the_no_time_encoding(data):
     enc = model.encoding
     nt = enc.time_features.n_features
     time, coord = torch.tensor([np.nan, 5.0]), torch.tensor([np.nan, np.nan])
-    f = enc.features(time, coord)
+    f = torch.cat([enc.position_features(time, coord), enc.measurement_features(None, None, time[:, None])], -1)
     assert (f[0, :nt] == 0).all() and f[0, nt] == 1 and f[1, nt] == 0 and f[1, :nt].abs().sum() > 0
     assert (f[:, -3:] == 0).all()  # queries carry no measurement
     before = enc.proj(f)
@@ -288,15 +291,9 @@ def test_nll_and_metrics():
     g = torch.Generator().manual_seed(0)
     n = 20000
     batch_value = torch.randn(n, generator=g) * 2.0
-    out = ModelOutput(torch.zeros(n), torch.full((n,), float(np.log(2.0))), torch.zeros(1, 1, 1),
-                      torch.tensor([0, n]))
-    z = torch.zeros(n)
-    batch = Batch(offsets=torch.tensor([0, n]), time=z, channel=torch.randint(0, 2, (n,), generator=g),
-                  modality=z.long(), value=batch_value, error=torch.full((n,), float("nan")), coord=z,
-                  visible=torch.ones(n, dtype=torch.bool), target=torch.ones(n, dtype=torch.bool),
-                  record_index=torch.tensor([0]), element_index=torch.arange(n), t_ref=torch.zeros(1))
     m = Metrics(["a", "b"], [0, 1], ["x", "y"])
-    m.update(out, batch)
+    m.update(torch.zeros(n), torch.full((n,), float(np.log(2.0))), batch_value, torch.full((n,), float("nan")),
+             torch.randint(0, 2, (n,), generator=g))
     s = m.summary()
     assert s["overall"]["n"] == n
     assert abs(s["overall"]["coverage68"] - 0.6827) < 0.01 and abs(s["overall"]["coverage95"] - 0.9545) < 0.01
@@ -314,7 +311,7 @@ def test_tiny_model_overfits_a_small_batch(data):
     losses, mses = [], []
     for _ in range(300):
         out = model(batch)
-        value = loss(out, batch, TrainConfig().nll_beta)  # the training objective (beta-NLL)
+        value = model.loss(batch, out)  # the head's training objective (beta-NLL)
         opt.zero_grad()
         value.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -342,10 +339,10 @@ def test_save_load_round_trip(tmp_path, data):
     _, _, ds = data
     model = make_model(data, share_weights=True)
     config = RunConfig(model=model.config)
-    checkpoint.save(tmp_path, model, config, step=3)
-    loaded, cfg = checkpoint.load(tmp_path)
+    checkpoint.save(tmp_path, model, config.sections(), step=3)
+    loaded, cfg = load_run(tmp_path)
     assert cfg == config
-    assert json.loads((tmp_path / "config.json").read_text())["model"]["share_weights"] is True
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["sizes"]["share_weights"] is True
     for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
     batch = masked(ds, [0, 1, 2])
@@ -374,10 +371,10 @@ def test_config_fields_are_type_checked():
     with pytest.raises(ValueError, match="TrainConfig.steps must be int"):
         RunConfig.from_dict(data)
     data = RunConfig().to_dict()
-    data["train"]["lr"], data["model"]["share_weights"] = 1, True  # an int is a float in JSON
+    data["train"]["lr"], data["model"]["sizes"]["share_weights"] = 1, True  # an int is a float in JSON
     assert RunConfig.from_dict(data).train.lr == 1
-    data["model"]["share_weights"] = 1
-    with pytest.raises(ValueError, match="ModelConfig.share_weights must be bool"):
+    data["model"]["sizes"]["share_weights"] = 1
+    with pytest.raises(ValueError, match="Sizes.share_weights must be bool"):
         RunConfig.from_dict(data)
 
 

@@ -3,9 +3,9 @@
 import numpy as np
 import torch
 
-from perceiver.baselines import linear_interpolation
 from perceiver.model import subset_offsets
 from perceiver.neighbours import NeighbourFeatures, same_channel_neighbours
+from pipelines.run.baselines import linear_interpolation
 
 NAN = float("nan")
 

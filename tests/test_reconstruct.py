@@ -24,8 +24,8 @@ from datasets.store.reconstruction import (
     reconstruction_arrays,
 )
 from perceiver.checkpoint import load
-from perceiver.reconstruction import DEFAULT_FOLDS, fold_assignment, reconstruct
 from pipelines.reconstruct import reconstruct_flow
+from pipelines.run.reconstruction import DEFAULT_FOLDS, fold_assignment, reconstruct
 
 
 def test_reconstruct_writes_aligned_outputs_with_provenance(tmp_path, physionet_sample_store, tiny_checkpoint):
@@ -49,7 +49,8 @@ def test_reconstruct_writes_aligned_outputs_with_provenance(tmp_path, physionet_
     assert r["grid_time"][:n0].min() == timed["time"].min() and r["grid_time"][:n0].max() == timed["time"].max()
     assert r["latent"].shape == (300, 32)
     meta = r["meta"]
-    assert meta["checkpoint_sha256"] and meta["model_config"]["model"]["d_latent"] == 32 and meta["code_version"]
+    assert meta["checkpoint_sha256"] and meta["code_version"]
+    assert meta["model_config"]["model"]["sizes"]["d_latent"] == 32
     ds = xr.open_zarr(out)
     assert ds.sizes["element"] == store.n_elements and ds["row_size"].attrs["sample_dimension"] == "element"
     # out-of-sample outputs (default folds) beside the in-sample ones, on the element dimension
@@ -121,7 +122,7 @@ def test_dask_two_workers_equals_single_process(tmp_path, physionet_sample_store
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_checkpoint):
-    return load(tiny_checkpoint)[0]
+    return load(tiny_checkpoint)
 
 
 def _with_values(elements: ElementSet, index: np.ndarray, shift_z: float, channels) -> ElementSet:

@@ -1,4 +1,4 @@
-"""perceiver.train: a short run, checkpoints, exact resume after a crash, 2-process DDP under torchrun.
+"""pipelines.run.training: a short run, checkpoints, exact resume after a crash, 2-process DDP under torchrun.
 
 This file doubles as the DDP worker: ``torchrun ... tests/test_train.py OUT`` trains on every rank and dumps
 each rank's final parameters so the test can compare them.
@@ -19,9 +19,10 @@ from safetensors.torch import load_file, save_file
 
 from datasets.loader.synthetic import synthetic_elements
 from perceiver import checkpoint
-from perceiver.config import ModelConfig, RunConfig, TrainConfig
-from perceiver.inference import predict
-from perceiver.train import Trainer, lr_factor, main, resolve_precision, train
+from perceiver.config import ModelConfig
+from pipelines.run.config import RunConfig, TrainConfig, apply_overrides, load_run
+from pipelines.run.inference import predict
+from pipelines.run.training import Trainer, lr_factor, main, resolve_precision, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,9 +48,11 @@ def test_train_writes_a_loadable_checkpoint(tmp_path, data):
     out = train(small_run(steps=6), elements, channels, tmp_path / "run")
     for name in ("config.json", "model.safetensors", "training_state.pt", "metrics.jsonl"):
         assert (out / name).exists()
-    model, config = checkpoint.load(out)
+    model, config = load_run(out)
     assert config.train.steps == 6 and config.model.channel_names == list(channels["name"])
-    assert config.model.time_max_period > config.model.time_min_period > 0  # data statistics stored
+    contract = config.model.contract
+    assert contract.time_max_period > contract.time_min_period > 0 and contract.complete  # data contract stored
+    assert [c.location for c in contract.channels] == channels["location"].tolist()
     records = checkpoint.read_metrics(out)
     assert sorted(train_losses(out)) == list(range(1, 7))
     val = [r for r in records if r["split"] == "val"]
@@ -58,9 +61,9 @@ def test_train_writes_a_loadable_checkpoint(tmp_path, data):
     assert set(val[-1]["modality"]) <= set(config.model.modalities) and val[-1]["channel"]
     from datasets.loader import ElementDataset
 
-    ds = ElementDataset(elements, channels, split="test", modalities=config.model.modalities)
+    ds = ElementDataset(elements, channels, model.config.contract, split="test")
     pred = predict(model, ds.collate([0, 1]))
-    assert torch.isfinite(pred.mean).all() and pred.latent.shape == (2, config.model.d_latent)
+    assert torch.isfinite(pred.mean).all() and pred.latent.shape == (2, config.model.sizes.d_latent)
 
 
 class Crash(Exception):
@@ -104,13 +107,25 @@ def test_schedule_and_precision():
         resolve_precision("fp8", torch.device("cpu"))
 
 
-def test_command_line(tmp_path):
+def test_overrides_by_section_or_flat_name_and_the_head():
+    config = apply_overrides(RunConfig(), ["train.steps=3", "model.n_latents=8", "model.decoder.local_heads=0",
+                                           "model.decoder_local_time=2", "model.head=gaussian",
+                                           "model.head.nll_beta=0", "masking.holdout=0.5"])
+    assert config.train.steps == 3 and config.model.sizes.n_latents == 8 and config.model.decoder.local_heads == 0
+    assert config.model.decoder.local_time == 2 and config.model.head.nll_beta == 0
+    assert config.masking.holdout == 0.5
+    for bad in ("train.nonsense=1", "model.nonsense=1", "steps=3", "train.steps"):
+        with pytest.raises(ValueError):
+            apply_overrides(RunConfig(), [bad])
+
+
+def test_torchrun_entry_point_trains_on_a_store(tmp_path, physionet_sample_store):
     out = tmp_path / "cli"
-    main(["--data", "datasets.loader.synthetic:training_data", "--data-arg", "40,1", "--out", str(out),
-          "--set", "train.steps=3", "--set", "train.threads=1", "--set", "train.batch_tokens=800",
-          "--set", "model.n_latents=8", "--set", "model.d_latent=32", "--set", "model.n_layers=1"])
-    config = json.loads((out / "config.json").read_text())
-    assert config["train"]["steps"] == 3 and config["model"]["n_latents"] == 8
+    config = apply_overrides(small_run(steps=3), ["train.batch_tokens=800"])
+    (tmp_path / "config.json").write_text(config.to_json())
+    main(["--store", physionet_sample_store, "--out", str(out), "--config", str(tmp_path / "config.json")])
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["steps"] == 3 and saved["model"]["sizes"]["n_latents"] == 8
     assert max(train_losses(out)) == 3
 
 
@@ -146,7 +161,7 @@ def test_two_process_ddp_gives_identical_parameters(tmp_path):
     torch.manual_seed(0)
     from perceiver.model import Percival
 
-    init = Percival(checkpoint.load(tmp_path)[1].model).state_dict()
+    init = Percival(checkpoint.load(tmp_path).config).state_dict()
     assert any(not torch.equal(init[k], r0[k]) for k in r0)
 
 

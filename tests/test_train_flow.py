@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from perceiver.checkpoint import load, read_metrics
+from pipelines.run.config import load_run
 from pipelines.train import train_flow
 
 TINY = ["train.warmup_steps=1", "train.log_every=2", "train.eval_every=4", "train.eval_batches=1",
@@ -19,7 +20,7 @@ def test_train_flow_resumes_its_checkpoint(tmp_path, physionet_sample_store):
     assert second["steps"] == 6
     steps = [m["step"] for m in read_metrics(out) if m.get("split") == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == 6  # continued, not restarted
-    model, config = load(out)
+    model, config = load_run(out)
     assert config.train.steps == 6 and config.model.n_channels == 39
 
 
@@ -27,5 +28,5 @@ def test_train_flow_with_two_torchrun_processes(tmp_path, physionet_sample_store
     out = str(tmp_path / "ddp")
     summary = train_flow(physionet_sample_store, out, preset="tiny", steps=4, overrides=TINY, nproc=2)
     assert summary["steps"] == 4 and summary["train_loss"] is not None
-    model, _ = load(out)
+    model = load(out)
     assert sum(p.numel() for p in model.parameters()) > 0

@@ -1,13 +1,10 @@
-"""Batches for the model: packed element tensors, length-aware batching, the dataset view of an ElementSet.
+"""Batches for the model: the dataset view of an ElementSet, packed into :class:`perceiver.PackedBatch` es, and
+length-aware batching.
 
-A :class:`Batch` holds the elements of B records *packed* one after the other (no padding) plus ``offsets``
-(B+1 entries, like ``cu_seqlens``): the elements of record ``b`` are ``offsets[b]:offsets[b + 1]``. Two
-boolean arrays say, per element, whether it is ``visible`` to the encoder and whether it is a ``target``
-of the decoder (see :mod:`datasets.loader.masking`).
-
-Values and errors are normalised per channel with :func:`datasets.normalise.normalise`; times are relative to
-the record's reference time ``t_ref`` (the record's ``t0`` attribute where present, else its first finite
-time), so that Fourier features of time see small, precise float32 numbers.
+Values and errors are normalised per channel with the *model's data contract* (:mod:`datasets.loader.contract`;
+:func:`datasets.normalise.normalise`), never with a store's current statistics; times are relative to the
+record's reference time ``t_ref`` (the record's ``t0`` attribute where present, else its first finite time), so
+that Fourier features of time see small, precise float32 numbers.
 
 :func:`token_batches` groups records of similar length under a token budget, so that batches cost in
 proportion to their real elements and padding (where a padded kernel is used) stays small.
@@ -16,104 +13,44 @@ proportion to their real elements and padding (where a padded kernel is used) st
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 
 import numpy as np
 import pandas as pd
 import torch
 
 from datasets.format import ElementSet
+from datasets.loader.contract import complete_from_store, fit_contract, match_channels
 from datasets.loader.masking import MaskingConfig, full_plan, plan_masks
 from datasets.normalise import normalise
-
-REQUIRED_CHANNEL_COLUMNS = ("name", "modality", "transform", "softening", "location", "scale")
-
-
-@dataclass
-class Batch:
-    """Packed elements of B records. Per element (length N): ``time`` (float32, relative to the record's
-    ``t_ref``; NaN = static), ``channel``, ``modality`` (int64), ``value`` and ``error`` (float32, normalised;
-    error NaN = unknown), ``coord`` (float32; NaN = none), ``visible`` and ``target`` (bool),
-    ``element_index`` (int64, index into the source ElementSet's elements). Per record: ``offsets`` (B+1,
-    int64), ``record_index`` (int64, index into the ElementSet's records), ``t_ref`` (float64)."""
-
-    offsets: torch.Tensor
-    time: torch.Tensor
-    channel: torch.Tensor
-    modality: torch.Tensor
-    value: torch.Tensor
-    error: torch.Tensor
-    coord: torch.Tensor
-    visible: torch.Tensor
-    target: torch.Tensor
-    record_index: torch.Tensor
-    element_index: torch.Tensor
-    t_ref: torch.Tensor
-
-    @property
-    def n_records(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def n_elements(self) -> int:
-        return len(self.time)
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.offsets[1:] - self.offsets[:-1]
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        """A copy on ``device`` (``offsets`` and ``t_ref`` stay on the CPU: they steer host-side planning)."""
-        keep = {"offsets", "t_ref"}
-        return Batch(**{f.name: getattr(self, f.name) if f.name in keep
-                        else getattr(self, f.name).to(device, non_blocking=non_blocking)
-                        for f in fields(self)})
-
-    def pin_memory(self) -> Batch:
-        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
-
-
-def modality_names(channels: pd.DataFrame) -> list[str]:
-    """Modalities in order of first appearance in the channel table (a stable index for embeddings)."""
-    return list(dict.fromkeys(channels["modality"].astype(str)))
-
-
-def segment_ids(offsets: np.ndarray) -> np.ndarray:
-    """The record index of every packed element."""
-    return np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-
-
-def ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """``concatenate([arange(s, s + c) for s, c in zip(starts, counts)])`` without a Python loop."""
-    counts = np.asarray(counts, np.int64)
-    total = int(counts.sum())
-    if total == 0:
-        return np.zeros(0, np.int64)
-    seg = np.repeat(np.arange(len(counts)), counts)
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    return np.asarray(starts, np.int64)[seg] + np.arange(total) - first[seg]
+from perceiver.contract import DataContract
+from perceiver.packing import PackedBatch, offsets_from_counts, ranges, segment_ids
 
 
 class ElementDataset:
-    """The records of one split of an :class:`ElementSet`, normalised and ready to be packed into batches.
+    """The records of one split of an :class:`ElementSet`, normalised with a data contract and ready to be
+    packed into batches.
 
-    ``split`` selects records by the ``split`` column of ``elements.records`` (a name or a sequence of names;
-    ``None`` takes every record). ``modalities`` fixes the modality index order (pass the trained model's
-    list at inference); by default it is the order of first appearance in ``channels``.
+    ``channels`` is the store's channel table (it says what the ElementSet's channel codes mean);
+    ``contract`` the model's (:func:`datasets.loader.fit_contract` of ``elements`` when None: a model not
+    trained yet). Element channels become the contract's indices; elements of channels the contract lacks are
+    left out (a warning names them). ``split`` selects records by the ``split`` column of
+    ``elements.records`` (a name or a sequence of names; ``None`` takes every record). ``where`` names the
+    store in error messages.
     """
 
-    def __init__(self, elements: ElementSet, channels: pd.DataFrame, split: str | Sequence[str] | None = None,
-                 modalities: Sequence[str] | None = None):
-        missing = [c for c in REQUIRED_CHANNEL_COLUMNS if c not in channels.columns]
-        if missing:
-            raise ValueError(f"channel table lacks columns {missing} (normalisation statistics are required)")
-        self.channels = channels.reset_index(drop=True)
-        self.modalities = list(modalities) if modalities is not None else modality_names(self.channels)
-        unknown = set(self.channels["modality"].astype(str)) - set(self.modalities)
-        if unknown:
-            raise ValueError(f"channel table has modalities {sorted(unknown)} not in {self.modalities}")
-        lookup = {m: i for i, m in enumerate(self.modalities)}
-        self.channel_modality = np.array([lookup[m] for m in self.channels["modality"].astype(str)], np.int64)
+    def __init__(self, elements: ElementSet, channels: pd.DataFrame, contract: DataContract | None = None,
+                 split: str | Sequence[str] | None = None, where: str = "the store"):
+        self.contract = fit_contract(elements, channels) if contract is None else complete_from_store(
+            contract, channels, where)
+        code = match_channels(self.contract, channels.reset_index(drop=True), where)
+        #: the store's channel code of each contract channel
+        self.store_channel = np.zeros(self.contract.n_channels, np.int64)
+        self.store_channel[code[code >= 0]] = np.flatnonzero(code >= 0)
+        #: the store's channel table in contract order (names, units, band wavelengths: for display; values
+        #: are normalised with ``contract``, never with this table's statistics)
+        self.channels = channels.iloc[self.store_channel].reset_index(drop=True)
+        self.modalities = list(self.contract.modalities)
+        self.channel_modality = np.asarray(self.contract.channel_modality, np.int64)
 
         if split is None:
             rec = np.arange(elements.n_records)
@@ -125,19 +62,24 @@ class ElementDataset:
             rec = np.flatnonzero(elements.records["split"].astype(str).isin(names).to_numpy())
         self.elements = elements
         self.record_index = rec
-        all_offsets = elements.offsets
-        self.lengths = np.asarray(elements.row_size, np.int64)[rec]
-        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
-        self.element_index = ranges(all_offsets[rec], self.lengths)
-
-        idx = self.element_index
-        self.channel = elements.channel[idx].astype(np.int64)
-        if len(self.channel) and (self.channel.min() < 0 or self.channel.max() >= len(self.channels)):
+        lengths = np.asarray(elements.row_size, np.int64)[rec]
+        idx = ranges(elements.offsets[rec], lengths)
+        store_channel = elements.channel[idx].astype(np.int64)
+        if len(store_channel) and (store_channel.min() < 0 or store_channel.max() >= len(code)):
             raise ValueError("element channel index outside the channel table")
-        self.value, self.error = normalise(elements.value[idx], elements.error[idx], self.channel,
-                                           self.channels)
+        channel = code[store_channel]
+        keep = channel >= 0
+        if not keep.all():  # channels outside the contract (announced by match_channels)
+            lengths = np.bincount(segment_ids(offsets_from_counts(lengths))[keep], minlength=len(rec))
+            idx, channel = idx[keep], channel[keep]
+        self.lengths = lengths.astype(np.int64)
+        self.offsets = offsets_from_counts(self.lengths)
+        self.element_index = idx
+        self.channel = channel
+        self.value, self.error = normalise(elements.value[idx], elements.error[idx], channel,
+                                           self.contract.table())
         self.coord = elements.coord[idx].astype(np.float32)
-        self.modality = self.channel_modality[self.channel]
+        self.modality = self.channel_modality[channel]
 
         time = elements.time[idx].astype(np.float64)
         seg = segment_ids(self.offsets)
@@ -158,8 +100,8 @@ class ElementDataset:
         return int(self.offsets[-1])
 
     def collate(self, items: Sequence[int] | np.ndarray, masking: MaskingConfig | None = None,
-                rng: np.random.Generator | None = None, max_elements: int | None = None) -> Batch:
-        """Pack records ``items`` (positions in this dataset) into a :class:`Batch`.
+                rng: np.random.Generator | None = None, max_elements: int | None = None) -> PackedBatch:
+        """Pack records ``items`` (positions in this dataset) into a :class:`~perceiver.PackedBatch`.
 
         ``masking`` (with ``rng``) draws a masking plan; without it every element is visible and a target.
         ``max_elements`` crops longer records to a random subset of that many elements (evenly spaced ones
@@ -180,7 +122,7 @@ class ElementDataset:
             counts = np.minimum(counts, max_elements)
         else:
             idx = ranges(starts, counts)
-        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        offsets = offsets_from_counts(counts)
         if masking is not None:
             if rng is None:
                 raise ValueError("a masking plan needs a seeded rng")
@@ -188,11 +130,11 @@ class ElementDataset:
         else:
             plan = full_plan(offsets)
         t = torch.from_numpy
-        return Batch(offsets=t(offsets), time=t(self.time[idx]), channel=t(self.channel[idx]),
-                     modality=t(self.modality[idx]), value=t(self.value[idx]), error=t(self.error[idx]),
-                     coord=t(self.coord[idx]), visible=t(plan.visible), target=t(plan.target),
-                     record_index=t(self.record_index[items]), element_index=t(self.element_index[idx]),
-                     t_ref=t(self.t_ref[items].copy()))
+        return PackedBatch(offsets=t(offsets), time=t(self.time[idx]), channel=t(self.channel[idx]),
+                           modality=t(self.modality[idx]), value=t(self.value[idx]), error=t(self.error[idx]),
+                           coord=t(self.coord[idx]), visible=t(plan.visible), target=t(plan.target),
+                           record_index=t(self.record_index[items]), element_index=t(self.element_index[idx]),
+                           t_ref=t(self.t_ref[items].copy()))
 
 
 def token_batches(lengths: np.ndarray, max_tokens: int, max_records: int | None = None, shuffle: bool = True,

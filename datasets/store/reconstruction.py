@@ -18,9 +18,6 @@ the element-set store), readable by ``xarray.open_zarr``:
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
@@ -51,14 +48,6 @@ def store_folds(meta: dict) -> int:
     """The out-of-sample folds of a store's (or a run's) ``percival`` metadata: 0 where off or absent."""
     k = int(meta.get("folds") or 0)
     return k if k >= 2 else 0
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ReconstructionWriter:

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from datasets.loader.batches import segment_ids
 from perceiver.neighbours import same_channel_neighbours
+from perceiver.packing import segment_ids
 
 #: HistGradientBoostingRegressor settings of the gradient-boost baseline (seeded with ``random_state``)
 GRADIENT_BOOST_PARAMS = dict(max_iter=300, learning_rate=0.1, max_leaf_nodes=31, min_samples_leaf=20,

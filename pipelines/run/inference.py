@@ -1,16 +1,16 @@
 """Inference: latents and predictions for any query elements of a batch of records.
 
-    from perceiver.checkpoint import load
-    from perceiver.inference import Queries, predict
+    from perceiver import load
+    from pipelines.run.inference import Queries, predict
     from datasets.loader import ElementDataset
 
-    model, config = load("runs/demo")
-    ds = ElementDataset(elements, channels, split="test", modalities=config.model.modalities)
+    model = load("runs/demo")
+    ds = ElementDataset(elements, channels, model.config.contract, split="test")  # the model's normalisation
     batch = ds.collate([0, 1, 2])                       # every element visible
     pred = predict(model, batch)                        # reconstruct the observed elements
     grid = Queries.from_arrays(time, channel, coord, counts=[n0, n1, n2])  # absolute times, data units
     pred = predict(model, batch, grid)                  # any (time, channel, coord): a grid, another modality
-    value, sigma = datasets.normalise.denormalise(pred.mean, pred.sigma, grid.channel, channels)
+    value, sigma = datasets.normalise.denormalise(pred.mean, pred.sigma, grid.channel, model.config.contract)
 
 ``pred.mean`` and ``pred.sigma`` are in normalised units: ``sigma`` is the model's uncertainty about the true
 value (add a measurement error in quadrature to predict a new observation). ``pred.latent`` is the mean over
@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from datasets.loader.batches import Batch, ElementDataset, ranges
-from perceiver.model import Percival, subset_offsets
+from datasets.loader import ElementDataset
+from perceiver.model import Percival
+from perceiver.packing import PackedBatch, offsets_from_counts, ranges, segment_ids, subset_offsets
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Queries:
         time = np.broadcast_to(np.asarray(time, np.float64), (n,))
         channel = np.broadcast_to(np.asarray(channel, np.int64), (n,))
         coord = np.broadcast_to(np.asarray(coord, np.float32), (n,))
-        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        offsets = offsets_from_counts(counts)
         return cls(torch.from_numpy(offsets), torch.from_numpy(time.copy()), torch.from_numpy(channel.copy()),
                    torch.from_numpy(coord.copy()))
 
@@ -64,7 +65,7 @@ class Prediction:
 
 
 @torch.no_grad()
-def predict(model: Percival, batch: Batch, queries: Queries | None = None,
+def predict(model: Percival, batch: PackedBatch, queries: Queries | None = None,
             dtype: torch.dtype | None = None) -> Prediction:
     """Encode the visible elements of ``batch`` and predict ``queries`` (default: every element of the batch).
 
@@ -91,11 +92,11 @@ def predict(model: Percival, batch: Batch, queries: Queries | None = None,
             channel, coord = queries.channel.to(device), queries.coord.float().to(device)
         if len(channel) and (int(channel.min()) < 0 or int(channel.max()) >= model.config.n_channels):
             raise ValueError("query channel outside the model's channel table")
-        mean, log_sigma = model.decode(encoded, time, channel, coord, offsets)
-    return Prediction(mean.float(), torch.exp(log_sigma.float()), encoded.latents.float().mean(1), offsets)
+        out = model.decode(encoded, time, channel, coord, offsets)
+    return Prediction(out.mean.float(), torch.exp(out.log_sigma.float()), encoded.latents.float().mean(1), offsets)
 
 
-def masked_batch(ds: ElementDataset, items: np.ndarray, hidden: np.ndarray) -> tuple[Batch, np.ndarray]:
+def masked_batch(ds: ElementDataset, items: np.ndarray, hidden: np.ndarray) -> tuple[PackedBatch, np.ndarray]:
     """Records ``items`` of ``ds`` packed, with the ``hidden`` elements (bool per dataset element) invisible and
     the targets; also the dataset element positions of the batch's elements."""
     items = np.asarray(items, np.int64)
@@ -114,6 +115,6 @@ def predict_hidden(model: Percival, ds: ElementDataset, items: np.ndarray, hidde
     batch, idx = masked_batch(ds, items, hidden)
     h = hidden[idx]
     q = idx[h]
-    counts = np.bincount(np.repeat(np.arange(len(items)), ds.lengths[items])[h], minlength=len(items))
+    counts = np.bincount(segment_ids(offsets_from_counts(ds.lengths[items]))[h], minlength=len(items))
     queries = Queries.from_arrays(ds.elements.time[ds.element_index[q]], ds.channel[q], ds.coord[q], counts=counts)
     return q, predict(model, batch, queries, dtype=dtype)

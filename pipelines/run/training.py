@@ -2,15 +2,16 @@
 
 From Python::
 
-    from perceiver.config import RunConfig
-    from perceiver.train import train
+    from pipelines.run.config import RunConfig
+    from pipelines.run.training import train
     path = train(RunConfig(), elements, channels, "runs/demo")   # -> runs/demo
 
-From the shell (one process, or several under torchrun; ``--data`` names a function returning
-``(ElementSet, channel table)``)::
+From the shell: ``percival train STORE --out DIR`` (the ``train`` flow; ``--nproc N`` launches this module's
+:func:`main` under torchrun).
 
-    python -m perceiver.train --data datasets.loader.synthetic:training_data --out runs/demo
-    torchrun --nproc_per_node 2 -m perceiver.train --data MODULE:FUNCTION --data-arg ARG --out runs/ddp
+The model's data contract (:func:`datasets.loader.fit_contract`: channel vocabulary, normalisation, time
+scales) is fitted on the train split when a run starts and written into ``config.json``; a resumed run keeps
+its own contract whatever the store holds now.
 
 ``out_dir`` receives ``config.json``, ``model.safetensors``, ``training_state.pt`` (everything needed to
 resume: weights, optimizer, scheduler, RNG, data position, the pending logging window) and ``metrics.jsonl``
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib
 import json
 import logging
 import math
@@ -41,14 +41,14 @@ import torch.distributed as dist
 from torch import nn
 
 from datasets.format import ElementSet
-from datasets.loader.batches import Batch, ElementDataset, shard, token_batches
+from datasets.loader import ElementDataset, fit_contract, shard, token_batches
 from perceiver import checkpoint
-from perceiver.config import RunConfig, fit_data_statistics
+from perceiver.metrics import Metrics
 from perceiver.model import Percival
-from perceiver.objective import Metrics
-from perceiver.objective import loss as nll_loss
+from perceiver.packing import PackedBatch
+from pipelines.run.config import RunConfig
 
-log = logging.getLogger("perceiver.train")
+log = logging.getLogger("pipelines.run.training")
 
 #: the "epoch" used to seed evaluation batches and masks (never a training epoch)
 EVAL_EPOCH = 2**31 - 1
@@ -162,23 +162,22 @@ class Trainer:
 
         state = checkpoint.load_training_state(self.out) if resume else None
         train_split, val_split = _splits(elements)
-        if state is not None:
+        if state is not None:  # a resumed run keeps its own model config and data contract
             saved = RunConfig.from_json(self.out / checkpoint.CONFIG)
             if (saved.train, saved.masking) != (config.train, config.masking):
                 log.warning("resuming %s with a changed train/masking config", self.out)
             config = dataclasses.replace(config, model=saved.model)
-            modalities = config.model.modalities
         else:
-            modalities = None
-        self.train_ds = ElementDataset(elements, channels, train_split, modalities=modalities)
+            train_records = (np.arange(elements.n_records) if train_split is None else
+                             np.flatnonzero(elements.records["split"].astype(str).to_numpy() == train_split))
+            if len(train_records) == 0:
+                raise ValueError("no training records")
+            contract = fit_contract(elements, channels, train_records)
+            config = dataclasses.replace(config, model=dataclasses.replace(config.model, contract=contract))
+        self.train_ds = ElementDataset(elements, channels, config.model.contract, train_split)
         if len(self.train_ds) == 0:
             raise ValueError("no training records")
-        if state is None:
-            model_config = fit_data_statistics(config.model, elements, channels, self.train_ds.record_index)
-            config = dataclasses.replace(config, model=model_config)
-        if list(config.model.channel_names) != [str(x) for x in channels["name"]]:
-            raise ValueError("the channel table does not match the checkpoint's channels")
-        self.val_ds = (ElementDataset(elements, channels, val_split, modalities=config.model.modalities)
+        self.val_ds = (ElementDataset(elements, channels, config.model.contract, val_split)
                        if val_split else None)
         self.config = config
 
@@ -238,7 +237,7 @@ class Trainer:
 
     def save(self) -> None:
         if self.dist.is_main:
-            checkpoint.save(self.out, self.model, self.config, self._state(), step=self.step)
+            checkpoint.save(self.out, self.model, self.config.sections(), self._state(), step=self.step)
         if self.dist.world_size > 1:
             dist.barrier()
 
@@ -250,7 +249,7 @@ class Trainer:
             f.flush()
 
     # -- data -------------------------------------------------------------------------------------------
-    def next_batch(self) -> Batch:
+    def next_batch(self) -> PackedBatch:
         """The next training batch of this rank; the plan depends only on (seed, epoch, batch number)."""
         tc = self.config.train
         while True:
@@ -273,11 +272,11 @@ class Trainer:
         return batch.to(self.dist.device)
 
     # -- one step ---------------------------------------------------------------------------------------
-    def train_step(self, batch: Batch) -> tuple[float, float]:
+    def train_step(self, batch: PackedBatch) -> tuple[float, float]:
         self.ddp.train()
         with autocast(self.dist.device, self.dtype):
             output = self.ddp(batch)
-        loss = nll_loss(output, batch, self.config.train.nll_beta)
+        loss = self.model.loss(batch, output)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
@@ -302,7 +301,8 @@ class Trainer:
             batch = ds.collate(items, self.config.masking, rng, tc.max_record_elements).to(self.dist.device)
             with autocast(self.dist.device, self.dtype):
                 output = self.model(batch)
-            metrics.update(output, batch)
+            t = batch.target
+            metrics.update(output.mean, output.log_sigma, batch.value[t], batch.error[t], batch.channel[t])
         return metrics.summary()
 
     def _flush_window(self) -> None:
@@ -365,46 +365,21 @@ def train(config: RunConfig, elements: ElementSet, channels: pd.DataFrame, out_d
 # command line (single process or torchrun)
 # ---------------------------------------------------------------------------------------------------------
 
-def _apply_override(config: RunConfig, item: str) -> RunConfig:
-    """``section.field=value`` (value parsed as JSON when possible)."""
-    key, _, raw = item.partition("=")
-    section, _, name = key.partition(".")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    data = config.to_dict()
-    if section not in data or name not in data[section]:
-        raise SystemExit(f"unknown config field {key!r}")
-    data[section][name] = value
-    return RunConfig.from_dict(data)
-
-
-def load_data(spec: str, arg: str = "") -> tuple[ElementSet, pd.DataFrame]:
-    """Call ``module:function(arg)`` returning ``(ElementSet, channel table)``."""
-    module, _, func = spec.partition(":")
-    if not func:
-        raise SystemExit(f"--data must be MODULE:FUNCTION, got {spec!r}")
-    return getattr(importlib.import_module(module), func)(arg)
-
-
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m perceiver.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="MODULE:FUNCTION returning (ElementSet, channel table)")
-    p.add_argument("--data-arg", default="", help="string passed to the data function")
+    """The torchrun worker of the ``train`` flow (``--nproc`` > 1): every process trains on the store."""
+    from datasets.store import open_store
+
+    p = argparse.ArgumentParser(prog="python -m pipelines.run.training", description=main.__doc__)
+    p.add_argument("--store", required=True)
     p.add_argument("--out", required=True, help="output / checkpoint directory")
-    p.add_argument("--config", help="RunConfig JSON (defaults otherwise)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override a config field, e.g. train.steps=500 (repeatable)")
+    p.add_argument("--config", required=True, help="RunConfig JSON")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    config = RunConfig.from_json(args.config) if args.config else RunConfig()
-    for item in args.set:
-        config = _apply_override(config, item)
-    elements, channels = load_data(args.data, args.data_arg)
+    store = open_store(args.store)
     try:
-        path = train(config, elements, channels, args.out, resume=not args.no_resume)
+        path = train(RunConfig.from_json(args.config), store.read(), store.channels, args.out,
+                     resume=not args.no_resume)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -44,10 +44,11 @@ import pandas as pd
 import torch
 
 from datasets.format import ElementSet
-from datasets.loader.batches import ElementDataset, ranges, segment_ids, token_batches
+from datasets.loader import ElementDataset, token_batches
 from datasets.normalise import denormalise
-from perceiver.inference import Queries, predict, predict_hidden
 from perceiver.model import Percival
+from perceiver.packing import offsets_from_counts, ranges, segment_ids
+from pipelines.run.inference import Queries, predict, predict_hidden
 
 #: out-of-sample folds per record by default (see the module docstring for the choice)
 DEFAULT_FOLDS = 5
@@ -107,7 +108,7 @@ def fold_assignment(record_ids, row_size: np.ndarray, folds: int, seed: int = 0)
     if folds < 1:
         raise ValueError(f"folds must be >= 1, got {folds}")
     row_size = np.asarray(row_size, np.int64)
-    offsets = np.concatenate([[0], np.cumsum(row_size)]).astype(np.int64)
+    offsets = offsets_from_counts(row_size)
     rec = segment_ids(offsets)
     h = np.array([int.from_bytes(hashlib.blake2b(f"{seed}\x1f{r}".encode(), digest_size=8).digest(), "little")
                   for r in record_ids], dtype=np.uint64)
@@ -147,7 +148,7 @@ def _grid_queries(ds: ElementDataset, items: np.ndarray, spec: GridSpec, allowed
     """Grid queries of the records ``items`` of ``ds`` (vectorised over records and channels): absolute time,
     channel, coord, and the number of queries per record."""
     idx = ranges(ds.offsets[items], ds.lengths[items])
-    rec = np.repeat(np.arange(len(items)), ds.lengths[items])
+    rec = segment_ids(offsets_from_counts(ds.lengths[items]))
     t = ds.time[idx].astype(np.float64) + ds.t_ref[items][rec]
     ch, co = ds.channel[idx], ds.coord[idx].astype(np.float64)
     n_ch = len(allowed)
@@ -195,7 +196,9 @@ def _grid_queries(ds: ElementDataset, items: np.ndarray, spec: GridSpec, allowed
 def reconstruct(model: Percival, elements: ElementSet, channels: pd.DataFrame, grid: GridSpec | None = None,
                 max_tokens: int = 16_384, dtype: torch.dtype | None = None, folds: int = DEFAULT_FOLDS,
                 fold_seed: int = 0) -> Reconstruction:
-    """Latents and reconstructions of every record of ``elements`` (see the module docstring).
+    """Latents and reconstructions of every record of ``elements`` (see the module docstring), normalised
+    and denormalised with the model's data contract (``channels``, the store's channel table, only says what
+    the element channel codes mean). Elements of channels outside the contract get NaN outputs.
 
     ``folds`` (k) >= 2 adds the out-of-sample outputs (each element predicted with its fold of the record
     hidden, at about k times the encoder cost; default 5); 0 or 1 leaves them out. ``fold_seed`` seeds the
@@ -204,13 +207,13 @@ def reconstruct(model: Percival, elements: ElementSet, channels: pd.DataFrame, g
     if folds < 0:
         raise ValueError(f"folds must be >= 0 (0 or 1: no out-of-sample outputs), got {folds}")
     grid = grid or GridSpec(n_times=0)
-    cfg = model.config
-    ds = ElementDataset(elements, channels, split=None, modalities=cfg.modalities)
+    contract = model.config.contract
+    ds = ElementDataset(elements, channels, contract)
     n_rec, n_el = len(ds), ds.n_elements
-    latent = np.zeros((n_rec, cfg.d_latent), np.float32)
+    latent = np.zeros((n_rec, model.config.sizes.d_latent), np.float32)
     mean_n = np.zeros(n_el, np.float32)
     sigma_n = np.zeros(n_el, np.float32)
-    names = channels["name"].astype(str).to_numpy()
+    names = np.asarray(contract.channel_names)
     allowed = np.isin(names, grid.channels) if grid.channels is not None else np.ones(len(names), bool)
     grid_parts: dict[int, tuple] = {}
     batches = token_batches(ds.lengths, max_tokens, shuffle=False)
@@ -228,23 +231,34 @@ def reconstruct(model: Percival, elements: ElementSet, channels: pd.DataFrame, g
             for k, i in enumerate(items):
                 s = slice(bounds[k], bounds[k + 1])
                 grid_parts[int(i)] = (t[s], c[s], co[s], g.mean.numpy()[s], g.sigma.numpy()[s])
-    mean, sigma = denormalise(mean_n, sigma_n, ds.channel, channels)
+    def aligned(x: np.ndarray, fill=np.nan) -> np.ndarray:
+        """Per dataset element -> per input element (``fill`` for elements of channels outside the contract)."""
+        if n_el == elements.n_elements:
+            return x
+        full = np.full(elements.n_elements, fill, x.dtype)
+        full[ds.element_index] = x
+        return full
+
+    mean, sigma = denormalise(mean_n, sigma_n, ds.channel, contract)
     out = Reconstruction(record_id=elements.records["record_id"].astype(str).to_numpy(), latent=latent,
-                         mean=mean, sigma=sigma, mean_normalised=mean_n, sigma_normalised=sigma_n,
+                         mean=aligned(mean), sigma=aligned(sigma), mean_normalised=aligned(mean_n),
+                         sigma_normalised=aligned(sigma_n),
                          grid_row_size=np.array([len(grid_parts[i][0]) if i in grid_parts else 0
                                                  for i in range(n_rec)], np.int64))
     if folds >= 2:
         fold = fold_assignment(out.record_id, ds.lengths, folds, fold_seed)
         m_oos, s_oos = _out_of_sample(model, ds, batches, fold, folds, dtype)
         e = np.nan_to_num(ds.error, nan=0.0)
-        out.folds, out.fold, out.mean_oos_normalised, out.sigma_oos_normalised = folds, fold, m_oos, s_oos
-        out.mean_oos, out.sigma_oos = denormalise(m_oos, s_oos, ds.channel, channels)
-        out.residual_z = ((ds.value - m_oos) / np.sqrt(s_oos**2 + e**2)).astype(np.float32)
+        m_phys, s_phys = denormalise(m_oos, s_oos, ds.channel, contract)
+        out.folds, out.fold = folds, aligned(fold, fill=-1)
+        out.mean_oos_normalised, out.sigma_oos_normalised = aligned(m_oos), aligned(s_oos)
+        out.mean_oos, out.sigma_oos = aligned(m_phys), aligned(s_phys)
+        out.residual_z = aligned(((ds.value - m_oos) / np.sqrt(s_oos**2 + e**2)).astype(np.float32))
     parts = [grid_parts[i] for i in range(n_rec) if i in grid_parts]
     if parts:
         t, c, co, m, s = (np.concatenate(x) for x in zip(*parts, strict=True))
-        gm, gs = denormalise(m, s, c, channels)
-        out.grid = {"time": t, "channel": c.astype(np.int16), "coord": co, "mean": gm, "sigma": gs}
+        gm, gs = denormalise(m, s, c, contract)
+        out.grid = {"time": t, "channel": ds.store_channel[c].astype(np.int16), "coord": co, "mean": gm, "sigma": gs}
     else:
         out.grid = {"time": np.zeros(0), "channel": np.zeros(0, np.int16), "coord": np.zeros(0, np.float32),
                     "mean": np.zeros(0, np.float32), "sigma": np.zeros(0, np.float32)}

@@ -21,12 +21,12 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from datasets.loader.batches import ElementDataset
+from datasets.loader import ElementDataset
 from datasets.normalise import denormalise
-from perceiver.baselines import linear_interpolation
-from perceiver.evaluation import hidden_counts
-from perceiver.inference import Queries, masked_batch, predict
 from perceiver.model import Percival
+from pipelines.run.baselines import linear_interpolation
+from pipelines.run.inference import Queries, masked_batch, predict
+from pipelines.run.protocols import hidden_counts
 
 STYLE = {"model": "C0", "channel_mean": "C2", "per_record_mean": "C8", "forward_fill": "C4",
          "linear_interpolation": "C1", "gradient_boost": "C5"}
@@ -142,7 +142,7 @@ def _draw(model, ds, hidden, panels, channels, axes, time_unit, grid_points, mea
     qc = np.concatenate(q_channel)
 
     def phys(z):
-        return denormalise(z, np.zeros_like(z), qc, channels)[0]
+        return denormalise(z, np.zeros_like(z), qc, ds.contract)[0]
 
     mean_v = phys(mu)
     bands = {k: (phys(mu - k * sd), phys(mu + k * sd)) for k in (1, 2)}
@@ -204,7 +204,7 @@ def _linear_on_grid(ds: ElementDataset, r: int, hidden: np.ndarray, c: int, x_ab
     value = np.concatenate([z_vis, np.zeros(n_g, np.float32)])
     visible = np.concatenate([np.ones(n_v, bool), np.zeros(n_g, bool)])
     z = linear_interpolation(np.array([0, n_v + n_g]), time, channel, value, visible, ~visible, means)
-    return denormalise(z, np.zeros_like(z), np.full(n_g, c), ds.channels)[0], not m.any()
+    return denormalise(z, np.zeros_like(z), np.full(n_g, c), ds.contract)[0], not m.any()
 
 
 def calibration_plot(levels, curves: dict[str, list[float]], path: str | Path, title: str = "",

@@ -1,20 +1,11 @@
 """The held-out evaluation protocol: the model against five baselines on exactly the same hidden elements.
 
-A *protocol* decides, per record of a split, which elements are hidden from the encoder and must be predicted:
-
-``holdout`` (or ``holdout:FRACTION``)
-    a fixed fraction (default 30 %, rounded per record, at least one hidden and one kept) of every record's
-    elements, drawn by :func:`datasets.loader.plan_masks` in its ``holdout`` mode only. Records of a single
-    element hide nothing and are not scored.
-``modality:NAME``
-    every element of modality ``NAME`` (e.g. PhysioNet ``labs`` from ``vitals`` + ``static``; DESI
-    ``spectrum`` from ``photometry``), in the records that have that modality *and* at least one other; the
-    other records are not scored.
-
-The plan of a split is a function of (``seed``, split name, the records evaluated) only: the same seed gives
-the same hidden elements on every run. The model (:func:`perceiver.inference.predict`, length-aware batches
-of :func:`datasets.loader.token_batches` with ``shuffle=False``) and the baselines of
-:mod:`perceiver.baselines` predict the same hidden elements from the same visible ones (:data:`METHODS`; what
+A protocol (:mod:`pipelines.run.protocols`: ``holdout``, ``holdout:FRACTION``, ``modality:NAME``) decides, per
+record of a split, which elements are hidden from the encoder and must be predicted; the plan of a split is a
+function of (``seed``, split name, the records evaluated) only. The model
+(:func:`pipelines.run.inference.predict`, length-aware batches of :func:`datasets.loader.token_batches` with
+``shuffle=False``) and the baselines of
+:mod:`pipelines.run.baselines` predict the same hidden elements from the same visible ones (:data:`METHODS`; what
 each one sees is written into the result, :attr:`ProtocolResult.evidence`):
 
 ``channel_mean``
@@ -26,11 +17,11 @@ each one sees is written into the result, :attr:`ProtocolResult.evidence`):
 ``gradient_boost``
     a ``HistGradientBoostingRegressor`` trained on the *train* split's hidden elements under the same protocol
     (the seeded plan of split ``train``, at most ``gradient_boost_elements`` of them, a seeded subsample) with
-    the decoder's evidence about a query and nothing else (:func:`perceiver.baselines.neighbour_features`). A
+    the decoder's evidence about a query and nothing else (:func:`pipelines.run.baselines.neighbour_features`). A
     seeded :data:`RESERVE_FRACTION` of the train records is left out of its training (see below).
 
 Scoring is in normalised units (``z = (T(v) - location) / scale``, :mod:`datasets.normalise`) with the
-formulas of :class:`perceiver.objective.Metrics`: MSE and MAE of the mean, Gaussian NLL of
+formulas of :class:`perceiver.Metrics`: MSE and MAE of the mean, Gaussian NLL of
 ``N(mu, sigma^2 + e^2)`` (``e`` the normalised measurement error, unknown = 0) and the fraction of hidden
 elements inside its 68.27 % / 95.45 % central intervals, per channel, per modality and overall.
 
@@ -46,13 +37,13 @@ quadrature exactly as in the training objective.
 
 From a notebook::
 
-    from perceiver.checkpoint import load
-    from perceiver.evaluation import evaluate_protocol, train_channel_means
     from datasets.store import open_store
+    from pipelines.run.config import load_run
+    from pipelines.run.evaluation import evaluate_protocol, train_channel_means
 
     store = open_store("physionet.zarr")
-    model, config = load("runs/physionet")
-    means = train_channel_means(store)
+    model, config = load_run("runs/physionet")
+    means = train_channel_means(store, model.config.contract)
     result = evaluate_protocol(store, model, config, "modality:labs", seed=0, means=means)
     result.table()                     # rows: METHODS (model and the five baselines)
     result.evidence                    # method -> what it sees
@@ -69,15 +60,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from datasets.loader.batches import Batch, ElementDataset, segment_ids, token_batches
-from datasets.loader.masking import MaskingConfig, plan_masks
+from datasets.loader import ElementDataset, match_channels, token_batches
 from datasets.normalise import normalise
 from datasets.store.reader import Store, open_store
-from perceiver.baselines import GRADIENT_BOOST_MAX_ELEMENTS, GradientBoost, fit_gradient_boost, predict_baseline
-from perceiver.config import RunConfig
-from perceiver.inference import masked_batch, predict_hidden  # noqa: F401  (masked_batch: used by plots, notebooks)
-from perceiver.model import ModelOutput, Percival
-from perceiver.objective import Metrics
+from perceiver.metrics import Metrics
+from perceiver.model import Percival
+from perceiver.packing import segment_ids
+from pipelines.run.baselines import GRADIENT_BOOST_MAX_ELEMENTS, GradientBoost, fit_gradient_boost, predict_baseline
+from pipelines.run.config import RunConfig
+from pipelines.run.inference import predict_hidden
+from pipelines.run.protocols import SPLIT_STREAM, Protocol, hidden_counts, load_split, split_plan
 
 #: the methods compared, in table order
 METHODS = ("model", "channel_mean", "per_record_mean", "forward_fill", "linear_interpolation", "gradient_boost")
@@ -102,8 +94,6 @@ EVIDENCE = {
                             "time (along wavelength for spectra), constant beyond them; train-split channel mean "
                             "where none, and for static elements",
 }
-#: each split's stream of the seeded generator (the plan of a split never depends on another split)
-SPLIT_STREAM = {"train": 0, "val": 1, "test": 2}
 #: central-interval levels of the calibration curve
 CALIBRATION_LEVELS = tuple(sorted({*np.round(np.arange(0.05, 1.0, 0.05), 2).tolist(), 0.6827, 0.9545, 0.99}))
 #: floor on a fitted constant sigma (normalised units; the model's default ``min_sigma``)
@@ -112,102 +102,8 @@ METRIC_COLUMNS = ("mse", "mae", "nll", "coverage68", "coverage95", "n")
 
 
 # ---------------------------------------------------------------------------------------------------------
-# protocols and the hidden-element plan
-# ---------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Protocol:
-    """``kind`` is ``holdout`` (hide ``fraction`` of every record's elements) or ``modality`` (hide
-    ``modality`` in the records that have it and another modality)."""
-
-    kind: str
-    modality: str | None = None
-    fraction: float = 0.3
-
-    @classmethod
-    def parse(cls, spec: str | Protocol) -> Protocol:
-        """``"holdout"``, ``"holdout:0.3"`` or ``"modality:NAME"``."""
-        if isinstance(spec, Protocol):
-            return spec
-        kind, _, arg = str(spec).partition(":")
-        if kind == "holdout":
-            fraction = float(arg) if arg else 0.3
-            if not 0.0 < fraction < 1.0:
-                raise ValueError(f"holdout fraction must be in (0, 1), got {spec!r}")
-            return cls("holdout", None, fraction)
-        if kind == "modality" and arg:
-            return cls("modality", arg)
-        raise ValueError(f"unknown protocol {spec!r}: use 'holdout', 'holdout:FRACTION' or 'modality:NAME'")
-
-    @property
-    def name(self) -> str:
-        if self.kind == "modality":
-            return f"modality:{self.modality}"
-        return "holdout" if self.fraction == 0.3 else f"holdout:{self.fraction:g}"
-
-    @property
-    def slug(self) -> str:
-        """A file-name and artifact-key friendly name (lowercase letters, digits, dashes)."""
-        text = self.name.replace(":", "-").replace(".", "p").lower()
-        return "".join(ch if ch.isalnum() or ch == "-" else "-" for ch in text)
-
-    def describe(self) -> str:
-        if self.kind == "modality":
-            return (f"all `{self.modality}` elements hidden, in records that have `{self.modality}` and at least "
-                    "one other modality")
-        return f"{self.fraction:.0%} of each record's elements hidden at random (rounded per record)"
-
-
-def hidden_elements(offsets: np.ndarray, modality: np.ndarray, time: np.ndarray, protocol: Protocol | str,
-                    modalities: list[str], rng: np.random.Generator) -> np.ndarray:
-    """Boolean per packed element: hidden from the encoder and scored.
-
-    ``offsets`` (B+1), element ``modality`` (index into ``modalities``) and ``time`` describe packed records.
-    ``holdout`` uses :func:`~datasets.loader.plan_masks` with its hold-out mode only (``round(fraction * n)``
-    elements per record, at least one hidden and one kept; a one-element record hides nothing). ``modality``
-    hides the named modality where the record also has another one; ``rng`` is not used there.
-    """
-    protocol = Protocol.parse(protocol)
-    offsets = np.asarray(offsets, np.int64)
-    modality = np.asarray(modality, np.int64)
-    if protocol.kind == "holdout":
-        config = MaskingConfig(holdout=protocol.fraction, modality_dropout=0.0, forecast=0.0, autoencode=0.0)
-        plan = plan_masks(offsets, modality, time, rng, config)
-        return ~plan.visible
-    if protocol.modality not in modalities:
-        raise ValueError(f"protocol {protocol.name!r}: no modality {protocol.modality!r} (have {modalities})")
-    m = modalities.index(protocol.modality)
-    n_rec = len(offsets) - 1
-    record = segment_ids(offsets)
-    is_m = modality == m
-    has_m = np.bincount(record[is_m], minlength=n_rec) > 0
-    has_other = np.bincount(record[~is_m], minlength=n_rec) > 0
-    return is_m & (has_m & has_other)[record]
-
-
-def load_split(store: Store, split: str, modalities: list[str] | None = None, max_records: int | None = None
-               ) -> ElementDataset:
-    """The records of ``split`` (the first ``max_records`` in store order), normalised, as an ElementDataset."""
-    positions = np.flatnonzero(store.records["split"].astype(str).to_numpy() == split)
-    if max_records is not None:
-        positions = positions[:max_records]
-    return ElementDataset(store.take(positions), store.channels, split=None, modalities=modalities)
-
-
-def split_plan(ds: ElementDataset, protocol: Protocol | str, seed: int, split: str) -> np.ndarray:
-    """The hidden elements of a split's dataset (packed dataset order) for ``protocol`` and ``seed``."""
-    rng = np.random.default_rng([seed, SPLIT_STREAM.get(split, 99)])
-    return hidden_elements(ds.offsets, ds.modality, ds.time, protocol, ds.modalities, rng)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # predictions on the hidden elements
 # ---------------------------------------------------------------------------------------------------------
-
-def hidden_counts(ds: ElementDataset, hidden: np.ndarray) -> np.ndarray:
-    """Hidden elements per record of the dataset."""
-    return np.bincount(segment_ids(ds.offsets)[hidden], minlength=len(ds)).astype(np.int64)
-
 
 def model_predictions(model: Percival, ds: ElementDataset, hidden: np.ndarray, batch_tokens: int = 8192,
                       max_records: int | None = 64, record_cost: int = 32, dtype: torch.dtype | None = None
@@ -270,21 +166,22 @@ def train_gradient_boost(train: ElementDataset, hidden: np.ndarray, means: np.nd
                               max_elements=max_elements, seed=seed, **params)
 
 
-def train_channel_means(store: Store | str, records_per_chunk: int = 10_000) -> np.ndarray:
-    """Mean normalised value per channel over the train split (0 = the normalised location where a channel
-    has no train element), read chunk by chunk."""
+def train_channel_means(store: Store | str, contract, records_per_chunk: int = 10_000) -> np.ndarray:
+    """Mean normalised value (with the model's ``contract``) per contract channel over the train split (0 = the
+    normalised location where a channel has no train element), read chunk by chunk."""
     store = open_store(store) if isinstance(store, str) else store
-    channels = store.channels
-    n = len(channels)
+    code = match_channels(contract, store.channels, store.url)
+    n = contract.n_channels
     sums, counts = np.zeros(n), np.zeros(n)
     for chunk in store.iter_chunks(records_per_chunk):
         train = np.repeat(chunk.records["split"].astype(str).to_numpy() == "train", chunk.row_size)
+        ch = code[chunk.channel.astype(np.int64)]
+        train &= ch >= 0
         if not train.any():
             continue
-        ch = chunk.channel[train].astype(np.int64)
-        z, _ = normalise(chunk.value[train], chunk.error[train], ch, channels)
-        sums += np.bincount(ch, weights=z.astype(np.float64), minlength=n)
-        counts += np.bincount(ch, minlength=n)
+        z, _ = normalise(chunk.value[train], chunk.error[train], ch[train], contract)
+        sums += np.bincount(ch[train], weights=z.astype(np.float64), minlength=n)
+        counts += np.bincount(ch[train], minlength=n)
     return np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
 
 
@@ -329,21 +226,11 @@ def fit_constant_sigma(residual: np.ndarray, error: np.ndarray, channel: np.ndar
 def update_metrics(metrics: Metrics, value: np.ndarray, error: np.ndarray, channel: np.ndarray,
                    mean: np.ndarray, sigma: np.ndarray) -> Metrics:
     """Feed flat arrays (normalised value, error, channel; predicted mean and sigma) to
-    :meth:`perceiver.objective.Metrics.update`, so that every method is scored by the objective's formulas."""
-    n = len(value)
+    :meth:`perceiver.Metrics.update`, so that every method is scored by the same formulas."""
     t = torch.from_numpy
-    channel = np.asarray(channel, np.int64)
-    modality = np.asarray(metrics.channel_modality, np.int64)[channel] if n else np.zeros(0, np.int64)
-    batch = Batch(offsets=torch.tensor([0, n], dtype=torch.int64), time=torch.zeros(n),
-                  channel=t(channel.copy()), modality=t(modality),
-                  value=t(np.asarray(value, np.float32).copy()), error=t(np.asarray(error, np.float32).copy()),
-                  coord=torch.full((n,), math.nan), visible=torch.zeros(n, dtype=torch.bool),
-                  target=torch.ones(n, dtype=torch.bool), record_index=torch.zeros(1, dtype=torch.int64),
-                  element_index=torch.arange(n), t_ref=torch.zeros(1, dtype=torch.float64))
-    output = ModelOutput(mean=t(np.asarray(mean, np.float32).copy()),
-                         log_sigma=torch.log(t(np.asarray(sigma, np.float64).copy())).float(),
-                         latents=torch.zeros(0), target_offsets=torch.tensor([0, n], dtype=torch.int64))
-    metrics.update(output, batch)
+    metrics.update(t(np.asarray(mean, np.float32).copy()), torch.log(t(np.asarray(sigma, np.float64).copy())).float(),
+                   t(np.asarray(value, np.float32).copy()), t(np.asarray(error, np.float32).copy()),
+                   t(np.asarray(channel, np.int64).copy()))
     return metrics
 
 
@@ -423,12 +310,6 @@ class ProtocolResult:
         return cls(**data)
 
 
-def check_model_matches_store(config: RunConfig, store: Store) -> None:
-    names = [str(x) for x in store.channels["name"]]
-    if list(config.model.channel_names) != names:
-        raise ValueError(f"{store.url}: the channel table does not match the checkpoint's channels")
-
-
 def evaluate_protocol(store: Store | str, model: Percival, config: RunConfig, protocol: Protocol | str,
                       seed: int = 0, max_records: int | None = None, means: np.ndarray | None = None,
                       fit_split: str | None = None, score_split: str = SCORE_SPLIT,
@@ -443,22 +324,21 @@ def evaluate_protocol(store: Store | str, model: Percival, config: RunConfig, pr
     train the gradient-boost baseline; ``gradient_boost_params`` override its regressor settings."""
     store = open_store(store) if isinstance(store, str) else store
     protocol = Protocol.parse(protocol)
-    check_model_matches_store(config, store)
     fit_split = SIGMA_SPLIT.get(score_split, FIT_SPLIT) if fit_split is None else fit_split
     if fit_split == score_split:
         raise ValueError(f"the baselines' sigma cannot be fitted on the split it is scored on ({score_split!r})")
     if score_split == "train":
         raise ValueError("scoring the train split is not an evaluation (the gradient-boost baseline trains there)")
-    mc, tc = config.model, config.train
+    mc, tc = model.config, config.train
     channel_names, n_channels = list(mc.channel_names), len(mc.channel_names)
     if means is None:
-        means = train_channel_means(store)
+        means = train_channel_means(store, mc.contract)
     means = np.asarray(means, np.float64)
     batching = dict(batch_tokens=tc.batch_tokens, max_records=tc.max_records, record_cost=tc.record_cost,
                     dtype=dtype)
 
     # the gradient-boost baseline: trained on the train split's plan, its reserved records left out
-    train = load_split(store, "train", mc.modalities, max_records)
+    train = load_split(store, "train", mc.contract, max_records)
     train_hidden = split_plan(train, protocol, seed, "train")
     reserved = reserved_records(len(train), seed)
     gb = train_gradient_boost(train, train_hidden, means, seed, reserved, gradient_boost_elements,
@@ -469,7 +349,7 @@ def evaluate_protocol(store: Store | str, model: Percival, config: RunConfig, pr
         fit_ds, fit_hidden = train, train_hidden & reserved[segment_ids(train.offsets)]
         fit_visible, where = ~train_hidden, "train-split records held out of the gradient-boost fit"
     else:
-        fit_ds = load_split(store, fit_split, mc.modalities, max_records)
+        fit_ds = load_split(store, fit_split, mc.contract, max_records)
         fit_hidden, fit_visible = split_plan(fit_ds, protocol, seed, fit_split), None
         where = f"{fit_split}-split records"
     del train, train_hidden
@@ -489,7 +369,7 @@ def evaluate_protocol(store: Store | str, model: Percival, config: RunConfig, pr
     del fit_ds, fit_hidden
 
     # score
-    ds = load_split(store, score_split, mc.modalities, max_records)
+    ds = load_split(store, score_split, mc.contract, max_records)
     hidden = split_plan(ds, protocol, seed, score_split)
     sel = np.flatnonzero(hidden)
     value, error, channel = ds.value[sel], ds.error[sel], ds.channel[sel]
@@ -502,7 +382,7 @@ def evaluate_protocol(store: Store | str, model: Percival, config: RunConfig, pr
         metrics[name] = score(value, error, channel, mean, sigma, channel_names, mc.channel_modality,
                               mc.modalities)
         calibration[name] = coverage_curve(value, error, mean, sigma).tolist()
-    units = dict(zip(channel_names, store.channels["unit"].astype(str), strict=True))
+    units = {c.name: c.unit for c in mc.contract.channels}
     evidence = {**EVIDENCE, "gradient_boost": f"{gb.describe('train')}; {int(reserved.sum()):,} train records "
                                               "held out of its training"}
     return ProtocolResult(
@@ -514,96 +394,3 @@ def evaluate_protocol(store: Store | str, model: Percival, config: RunConfig, pr
         calibration=calibration, channel_units=units, evidence={m: evidence[m] for m in METHODS})
 
 
-# ---------------------------------------------------------------------------------------------------------
-# the report
-# ---------------------------------------------------------------------------------------------------------
-
-#: the per-channel MSE table's columns (method -> heading)
-PER_CHANNEL_COLUMNS = {"model": "model", "linear_interpolation": "lin. interp.", "forward_fill": "fwd fill",
-                       "per_record_mean": "record mean", "channel_mean": "channel mean",
-                       "gradient_boost": "grad. boost"}
-
-
-def _fmt(x) -> str:
-    if isinstance(x, (int, np.integer)):
-        return f"{int(x):,}"
-    if x is None or not np.isfinite(x):
-        return "–"
-    return f"{x:.3f}" if abs(x) < 1000 else f"{x:.3g}"
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    """A results table (rows: methods) as GitHub Markdown."""
-    cols = {"mse": "MSE", "mae": "MAE", "nll": "NLL", "coverage68": "cov68", "coverage95": "cov95", "n": "n",
-            "mse_vs_linear": "MSE / lin. interp."}
-    lines = ["| method | " + " | ".join(cols.values()) + " |", "|---|" + "---:|" * len(cols)]
-    for method, row in df.iterrows():
-        lines.append(f"| {method} | " + " | ".join(_fmt(int(row[c]) if c == "n" else row[c]) for c in cols) + " |")
-    return "\n".join(lines)
-
-
-def table_rows(results: list[ProtocolResult]) -> list[dict]:
-    """Flat rows (protocol, method, metrics) for a table artifact or a CSV."""
-    rows = []
-    for r in results:
-        df = r.table()
-        for method, row in df.iterrows():
-            rows.append({"protocol": r.protocol, "method": method,
-                         **{c: (None if not np.isfinite(row[c]) else round(float(row[c]), 6))
-                            for c in (*METRIC_COLUMNS[:-1], "mse_vs_linear")},
-                         "n": int(row["n"])})
-    return rows
-
-
-def report_markdown(results: list[ProtocolResult], store: str = "", checkpoint: str = "",
-                    plots: dict[str, list[str]] | None = None, embed: bool = True) -> str:
-    """The evaluation report: per protocol, the overall table (caption says how it was scored), the
-    per-modality tables, a per-channel MSE table, and the plots (``plots``: protocol -> file names, shown as
-    images when ``embed``, else listed)."""
-    out = ["# Evaluation", ""]
-    if store or checkpoint:
-        out += [f"Store `{store}`, checkpoint `{checkpoint}`.", ""]
-    out += ["All numbers are in normalised units, z = (T(v) − location) / scale with the channel table's "
-            "train-split statistics (location the median, scale the standard deviation after clipping to the "
-            "0.1–99.9 % quantiles), so 1 ≈ one train-split standard deviation of the channel. NLL and coverage use "
-            "N(μ, σ² + e²) with e the normalised measurement error (unknown = 0); a calibrated predictor covers "
-            "0.683 and 0.954. `MSE / lin. interp.` is each method's MSE divided by linear interpolation's.", ""]
-    if any(r.score_split == "val" for r in results):
-        out += ["**Validation split scored** (`--split val`: for choosing models and settings; report the test "
-                "split). The baselines' σ is fitted on train-split records the gradient-boost baseline was not "
-                "trained on.", ""]
-    for r in results:
-        out += [f"## Protocol `{r.protocol}`", "",
-                f"{r.description}; seed {r.seed}. Scored on {r.n_elements:,} hidden elements of "
-                f"{r.n_records:,} {r.score_split}-split records — exactly the same elements for the model and "
-                f"every baseline. Model σ: its own prediction. Baseline σ: {r.sigma_source}; then scored on the "
-                f"{r.score_split} split.", ""]
-        evidence = r.evidence or {m: EVIDENCE[m] for m in r.methods if m in EVIDENCE}
-        if evidence:
-            out += ["What each method sees:", ""]
-            out += [f"- `{m}`: {evidence[m]}" for m in r.methods if m in evidence]
-            out += [""]
-        if r.n_elements == 0:
-            out += ["No record of this split qualifies: nothing to score.", ""]
-            continue
-        out += [markdown_table(r.table()), ""]
-        modalities = list(r.metrics["model"].get("modality", {}))
-        if len(modalities) > 1:
-            for m in modalities:
-                out += [f"**{m}**", "", markdown_table(r.table("modality", m)), ""]
-        channels = r.metrics["model"].get("channel", {})
-        if channels:
-            shown = [m for m in PER_CHANNEL_COLUMNS if m in r.metrics]
-            heads = [PER_CHANNEL_COLUMNS[m] for m in shown]
-            out += [f"<details><summary>Per channel (MSE: {' / '.join(heads)}; n)</summary>", "",
-                    "| channel | " + " | ".join(heads) + " | n |", "|---|" + "---:|" * (len(shown) + 1)]
-            for c, m in channels.items():
-                mse = [_fmt(r.metrics[k].get("channel", {}).get(c, {}).get("mse")) for k in shown]
-                out.append(f"| {c} | " + " | ".join(mse) + f" | {m['n']:,} |")
-            out += ["", "</details>", ""]
-        paths = (plots or {}).get(r.protocol, [])
-        if embed:
-            out += [line for path in paths for line in (f"![{path}]({path})", "")]
-        elif paths:
-            out += ["Plots: " + ", ".join(paths), ""]
-    return "\n".join(out)

@@ -1,0 +1,141 @@
+"""A model's data contract against a store: fitted once from the train split, then matched to any store.
+
+:func:`fit_contract` turns a store's channel table and train records into a :class:`perceiver.DataContract`
+(the channel vocabulary with each channel's unit and normalisation, the time / coord scales); training writes
+it into the checkpoint. :func:`match_channels` is the one model-matches-store check: it maps a store's channel
+codes onto a contract's, by name, and fails with the channel's name where a contract channel is missing or its
+unit or modality changed; a store's extra channels are ignored (with a warning that counts them).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from datasets.format import FORMAT_NAME, FORMAT_VERSION, ElementSet
+from perceiver.contract import ChannelSpec, DataContract
+from perceiver.packing import offsets_from_counts, ranges, segment_ids
+
+REQUIRED_CHANNEL_COLUMNS = ("name", "modality", "transform", "softening", "location", "scale")
+
+
+class ContractError(ValueError):
+    """A store does not match a model's data contract (the message names the channel)."""
+
+
+def modality_names(channels: pd.DataFrame) -> list[str]:
+    """Modalities in order of first appearance in the channel table (a stable index for embeddings)."""
+    return list(dict.fromkeys(channels["modality"].astype(str)))
+
+
+def _positive_gaps(values: np.ndarray, seg: np.ndarray) -> np.ndarray:
+    """Differences between consecutive distinct values within each record (values sorted per record)."""
+    order = np.lexsort((values, seg))
+    v, s = values[order], seg[order]
+    d = np.diff(v)
+    d = d[s[1:] == s[:-1]]
+    return d[d > 0]
+
+
+def fit_contract(elements: ElementSet, channels: pd.DataFrame, records: np.ndarray | None = None) -> DataContract:
+    """The data contract of a model trained on ``records`` (positions; default all) of ``elements``.
+
+    Channels: the store's table (name, modality, unit, transform and train-split statistics). Time periods of
+    the Fourier features span the shortest time scale (1st percentile of the gaps between consecutive distinct
+    times of a record) to twice the longest (the largest record time span); coord periods likewise span the
+    smallest gap between distinct coords within a record to twice the coord range.
+    """
+    missing = [c for c in REQUIRED_CHANNEL_COLUMNS if c not in channels.columns]
+    if missing:
+        raise ValueError(f"channel table lacks columns {missing} (normalisation statistics are required)")
+    unit = channels["unit"].astype(str) if "unit" in channels.columns else pd.Series([""] * len(channels))
+    k = DataContract(
+        channels=[ChannelSpec(str(r.name), str(r.modality), str(u), str(r.transform), float(r.softening),
+                              float(r.location), float(r.scale))
+                  for r, u in zip(channels.itertuples(index=False), unit, strict=True)],
+        modalities=modality_names(channels), store_format=f"{FORMAT_NAME} {FORMAT_VERSION}")
+    records = np.arange(elements.n_records) if records is None else np.asarray(records, np.int64)
+    lengths = np.asarray(elements.row_size, np.int64)[records]
+    idx = ranges(elements.offsets[records], lengths)
+    seg = segment_ids(offsets_from_counts(lengths))
+    time = elements.time[idx].astype(np.float64)
+    ok = np.isfinite(time)
+    if ok.sum() >= 2:
+        gaps = _positive_gaps(time[ok], seg[ok])
+        tmin = np.full(len(records), np.inf)
+        tmax = np.full(len(records), -np.inf)
+        np.minimum.at(tmin, seg[ok], time[ok])
+        np.maximum.at(tmax, seg[ok], time[ok])
+        span = tmax - tmin
+        longest = float(np.max(span[np.isfinite(span)], initial=0.0))
+        shortest = float(np.percentile(gaps, 1)) if len(gaps) else longest
+        if longest > 0:
+            k.time_max_period = 2.0 * longest
+            k.time_min_period = max(shortest, longest * 1e-6)
+    coord = elements.coord[idx].astype(np.float64)
+    ok = np.isfinite(coord)
+    if ok.any():
+        lo, hi = float(coord[ok].min()), float(coord[ok].max())
+        gaps = _positive_gaps(coord[ok], seg[ok])
+        rng = hi - lo
+        k.coord_center = 0.5 * (lo + hi)
+        k.coord_scale = max(0.5 * rng, 1e-6 * max(abs(lo), abs(hi), 1.0), 1e-12)
+        if rng > 0:
+            k.coord_max_period = 2.0 * rng
+            k.coord_min_period = max(float(np.min(gaps)) if len(gaps) else rng, rng * 1e-6)
+        else:
+            k.coord_max_period = k.coord_min_period = max(abs(lo), 1.0)
+    for name in ("time_min_period", "time_max_period", "coord_min_period", "coord_max_period"):
+        if not math.isfinite(getattr(k, name)) or getattr(k, name) <= 0:
+            raise ValueError(f"bad data statistic {name}={getattr(k, name)}")
+    return k
+
+
+def complete_from_store(contract: DataContract, channels: pd.DataFrame, where: str = "the store") -> DataContract:
+    """A contract whose unknown normalisation statistics (a checkpoint written before contracts) are taken
+    from the store's channel table -- the old behaviour, announced with a warning."""
+    if contract.complete:
+        return contract
+    warnings.warn(f"this checkpoint predates data contracts: normalising with {where}'s current channel "
+                  "statistics (retrain to freeze them)", stacklevel=3)
+    table = channels.set_index(channels["name"].astype(str))
+    done = []
+    for c in contract.channels:
+        if c.name not in table.index:
+            raise ContractError(f"{where}: has no channel {c.name!r}, which the model was trained on")
+        r = table.loc[c.name]
+        done.append(ChannelSpec(c.name, c.modality, str(r.get("unit", "")), str(r["transform"]),
+                                float(r["softening"]), float(r["location"]), float(r["scale"])))
+    out = DataContract(**{**contract.__dict__, "channels": done})
+    return out
+
+
+def match_channels(contract: DataContract, channels: pd.DataFrame, where: str = "the store") -> np.ndarray:
+    """For each of the store's channel codes, the contract's channel index (-1: not in the contract, ignored
+    with a warning). Raises :class:`ContractError` naming the channel where a contract channel is missing from
+    the store or its unit or modality differs."""
+    names = channels["name"].astype(str).tolist()
+    position = {n: i for i, n in enumerate(names)}
+    units = channels["unit"].astype(str).tolist() if "unit" in channels.columns else [""] * len(names)
+    modalities = channels["modality"].astype(str).tolist()
+    code = np.full(len(names), -1, np.int64)
+    for j, c in enumerate(contract.channels):
+        i = position.get(c.name)
+        if i is None:
+            raise ContractError(f"{where}: has no channel {c.name!r}, which the model was trained on "
+                                f"(its channels: {names})")
+        if c.unit and units[i] and units[i] != c.unit:
+            raise ContractError(f"{where}: channel {c.name!r} is in {units[i]!r}, the model was trained on "
+                                f"{c.unit!r}")
+        if modalities[i] != c.modality:
+            raise ContractError(f"{where}: channel {c.name!r} is modality {modalities[i]!r}, the model was "
+                                f"trained on {c.modality!r}")
+        code[i] = j
+    extra = [n for n, k in zip(names, code, strict=True) if k < 0]
+    if extra:
+        warnings.warn(f"{where}: channels {extra} are not in the model's data contract; their elements are "
+                      "ignored", stacklevel=3)
+    return code
