@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from machine import cpu_model, git_commit  # noqa: E402  (bench/machine.py, beside this script)
 
+from pipelines.options import scoped  # noqa: E402
+
 DATASETS = {"physionet2019": ("physionet2019", ("holdout", "modality:labs")),
             "plasticc": ("plasticc", ("holdout",))}
 
@@ -44,14 +46,7 @@ def dataset_settings(name: str, steps: list[str], sets: list[str]) -> tuple[int,
         key, _, value = item.rpartition("=")
         if key in ("", name):
             n = int(value)
-    overrides = []
-    for item in sets:
-        key, sep, rest = item.partition(":")
-        if not sep:
-            overrides.append(item)
-        elif key == name:
-            overrides.append(rest)
-    return n, overrides
+    return n, scoped(sets, name)
 
 
 def main() -> int:

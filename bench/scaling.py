@@ -13,7 +13,7 @@ and a static one), two configurations of the default ``small`` preset:
 and two jobs, each in its own process on one thread (peak memory = that process's peak RSS growth over its RSS
 before the job):
 
-- ``inference``: :func:`perceiver.inference.predict` of every element with every element visible (what
+- ``inference``: :func:`perceiver.queries.predict` of every element with every element visible (what
   ``percival reconstruct`` asks per record): N encoder inputs, N queries;
 - ``training``: one forward + backward step with 30 % of the elements hidden (0.7 N inputs, 0.3 N queries).
 
@@ -54,17 +54,17 @@ def run_case(config_name: str, job: str, n: int, repeats: int) -> dict:
     import numpy as np
     import torch
 
-    from datasets.loader import ElementDataset, MaskingConfig
+    from datasets.loader import ElementDataset, MaskingConfig, fit_contract
     from datasets.loader.synthetic import synthetic_elements
-    from perceiver.config import ModelConfig, fit_data_statistics
-    from perceiver.inference import predict
+    from perceiver.config import ModelConfig
     from perceiver.model import Percival
-    from perceiver.objective import loss
+    from perceiver.queries import predict
 
     torch.set_num_threads(1)
     elements, channels = synthetic_elements(seed=0, lengths=np.array([n - 1]), split=(1.0, 0.0, 0.0))
-    ds = ElementDataset(elements, channels)
-    config = fit_data_statistics(ModelConfig.preset("small", **CONFIGS[config_name]), elements, channels)
+    contract = fit_contract(elements, channels)
+    ds = ElementDataset(elements, channels, contract)
+    config = ModelConfig.preset("small", contract=contract, **CONFIGS[config_name])
     torch.manual_seed(0)
     model = Percival(config)
     if job == "inference":
@@ -80,7 +80,7 @@ def run_case(config_name: str, job: str, n: int, repeats: int) -> dict:
         def run() -> None:
             for p in model.parameters():
                 p.grad = None
-            loss(model(batch), batch).backward()
+            model.loss(batch, model(batch)).backward()
 
     base = rss_gib()
     times = []

@@ -1,7 +1,8 @@
 """Percival's model core: a Perceiver IO encoder-decoder over packed sets of elements.
 
 Needs torch, numpy and safetensors only. Three slots: the *input* (:class:`ElementEncoding`: element ->
-token), the *queries* (any packed (time, channel, coord); :meth:`Percival.decode`) and the *output head*
+token), the *query provider* (:mod:`perceiver.queries`: any packed (time, channel, coord) -- held-out
+elements, a grid, another modality) and the *output head*
 (:mod:`perceiver.heads`: decoded query -> prediction + loss; :func:`register_head`). A checkpoint carries its
 :class:`DataContract` (channel vocabulary and normalisation, time / coord scales).
 
@@ -25,7 +26,8 @@ from perceiver.heads import HEADS, HeadOutput, OutputHead, register_head
 from perceiver.metrics import Metrics
 from perceiver.model import Encoded, ModelOutput, Percival
 from perceiver.packing import PackedBatch
+from perceiver.queries import Prediction, Queries, predict
 
 __all__ = ["HEADS", "ChannelSpec", "DataContract", "DecoderConfig", "ElementEncoding", "Encoded", "HeadConfig",
            "HeadOutput", "InputConfig", "Metrics", "ModelConfig", "ModelOutput", "OutputHead", "PackedBatch",
-           "Percival", "Sizes", "load", "register_head", "save"]
+           "Percival", "Prediction", "Queries", "Sizes", "load", "predict", "register_head", "save"]

@@ -1,6 +1,6 @@
 """Neighbours along time (or wavelength) within a record: the keys nearest a query on either side.
 
-One implementation, :func:`key_windows`, serves the interpolation baselines (:mod:`perceiver.baselines`),
+One implementation, :func:`key_windows`, serves the interpolation baselines (:mod:`pipelines.run.baselines`),
 the decoder's neighbour features (:class:`NeighbourFeatures`: what the baselines see, given to the model's
 queries) and the decoder's bounded local attention (:mod:`perceiver.local_attention`: a fixed number of
 nearby visible elements per query).

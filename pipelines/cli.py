@@ -76,7 +76,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     with prefect_env.api():
         summary = reconstruct_flow(args.store, args.checkpoint, args.out, records_per_shard=args.records_per_shard,
                                    grid_times=args.grid_times, grid_coords=args.grid_coords, workers=args.workers,
-                                   dask_address=args.dask_address, precision=args.precision, folds=args.folds)
+                                   dask_address=args.dask_address, precision=args.precision, folds=args.folds,
+                                   threads=args.threads)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     rc.add_argument("--folds", type=int, default=5, metavar="K",
                     help="out-of-sample folds per record: each element also predicted with its fold hidden, "
                          "and its residual_z, at ~K x the encoder cost (default 5; 0 or 1: off)")
+    rc.add_argument("--threads", type=int, default=None,
+                    help="torch threads per worker (default OMP_NUM_THREADS, else the CPUs shared by the workers)")
     rc.set_defaults(fn=cmd_reconstruct)
 
     ev = sub.add_parser("evaluate", help="score a model and honest baselines on hidden test (or val) elements")
@@ -187,7 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.fn in (cmd_ingest, cmd_train, cmd_reconstruct, cmd_evaluate, cmd_demo) \
             and not getattr(args, "no_prefect", False):
         prefect_env.start_api_early()  # comes up while the command imports its flow
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, OSError) as e:  # bad input (a contract mismatch, a protocol that
+        # scores nothing, a missing file): one line that names it, and a non-zero exit
+        print(f"percival {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -42,3 +42,14 @@ def scoped(items: list[str] | None, scope: str, separator: str = ":") -> list[st
         elif head == scope:
             out.append(rest)
     return out
+
+
+def default_threads(processes: int = 1) -> int:
+    """Torch threads per process when none are asked for: ``OMP_NUM_THREADS`` where set (the usual way to share
+    a machine), else the CPU count shared between ``processes``."""
+    import os
+
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, (os.cpu_count() or 1) // max(processes, 1))

@@ -35,6 +35,7 @@ from datasets.store.reconstruction import (
     store_folds,
 )
 from pipelines import prefect_env
+from pipelines.options import default_threads
 from pipelines.retries import retry_on_io
 
 
@@ -97,8 +98,12 @@ def commit_task(out: str, provenance: dict, d_latent: int, start: int, stop: int
 def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: int = 2000, grid_times: int = 64,
                      grid_coords: int = 0, grid_channels: list[str] | None = None, workers: int = 1,
                      dask_address: str | None = None, precision: str = "fp32", max_tokens: int = 16_384,
-                     folds: int = 5) -> dict:  # = pipelines.run.reconstruction.DEFAULT_FOLDS (torch-free import)
+                     folds: int = 5, threads: int | None = None
+                     ) -> dict:  # folds = pipelines.run.reconstruction.DEFAULT_FOLDS (a torch-free import)
     """Reconstruct every record of ``store`` with the model in ``checkpoint`` into the Zarr store ``out``.
+
+    ``threads``: torch threads per worker (default ``OMP_NUM_THREADS`` where set, else the CPUs shared between
+    the workers).
 
     ``folds`` >= 2 adds the out-of-sample outputs (``mean_oos``, ``sigma_oos``, their normalised versions
     and ``residual_z``) at about ``folds`` times the encoder cost; 0 or 1 leaves them out."""
@@ -132,7 +137,7 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
         _remove_dead_staging(_local_dir(out))
         staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=_local_dir(out))
         try:
-            threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+            threads = threads or default_threads(workers)
             args = {"store": store, "checkpoint": checkpoint, "staging": staging, "grid": grid,
                     "max_tokens": max_tokens, "precision": precision, "threads": threads,
                     "folds": folds}

@@ -1,24 +1,21 @@
-"""Reliability: the fast parts of bench/faults.py (a few kill -9 moments, the bad-input corpus, untrusted files,
-injected I/O errors with Prefect retries, concurrent writers), plus one test per bug the campaign found."""
+"""Reliability: the fast parts of the fault campaign (:mod:`pipelines.faults`, run in full by bench/faults.py: a
+few kill -9 moments, the bad-input corpus, untrusted files, injected I/O errors with Prefect retries, concurrent
+writers), plus one test per bug the campaign found."""
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from corpus import build_corpus, stay, stay_row
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench import faults  # noqa: E402
-from datasets.ingest import ingest  # noqa: E402
-from datasets.store import StoreError, StoreWriter, open_store  # noqa: E402
-from datasets.store.reconstruction import ReconstructionWriter, open_reconstruction  # noqa: E402
+from datasets.ingest import ingest
+from datasets.store import StoreError, StoreWriter, open_store
+from datasets.store.reconstruction import ReconstructionWriter, open_reconstruction
+from pipelines import faults
 
 PHYSIONET = faults.PHYSIONET
 
@@ -37,9 +34,9 @@ def test_kill_9_during_training_then_resume(tmp_path, physionet_sample_store):
 
 
 def test_bad_input_corpus_is_quarantined_and_reconciles(tmp_path):
-    kinds, totals = faults.bad_input(tmp_path)
+    kinds, totals = faults.bad_input(tmp_path, build_corpus(tmp_path / "corpus"))
     assert kinds.tried >= 25
-    all_held([kinds, totals, faults.vanishing_file(tmp_path)])
+    all_held([kinds, totals, faults.vanishing_file(tmp_path, stay([stay_row(1), stay_row(2)]))])
 
 
 def test_full_disk_then_rerun(tmp_path):

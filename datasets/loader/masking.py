@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from perceiver.packing import segment_ids
+
 AUTOENCODE, MODALITY_DROPOUT, FORECAST, HOLDOUT = 0, 1, 2, 3
 MODE_NAMES = ("autoencode", "modality_dropout", "forecast", "holdout")
 
@@ -77,7 +79,7 @@ def plan_masks(offsets: np.ndarray, modality: np.ndarray, time: np.ndarray, rng:
     offsets = np.asarray(offsets, np.int64)
     n_rec, n = len(offsets) - 1, int(offsets[-1])
     lengths = np.diff(offsets)
-    record = np.repeat(np.arange(n_rec), lengths)
+    record = segment_ids(offsets)
     modality = np.asarray(modality, np.int64)
     time = np.asarray(time, np.float64)
 

@@ -16,6 +16,7 @@ import pandas as pd
 
 from datasets.format import ELEMENT_DTYPES, ElementSet
 from datasets.normalise import channel_statistics
+from perceiver.packing import offsets_from_counts, segment_ids
 
 CHANNELS = pd.DataFrame({
     "name": ["hr", "sbp", "lactate", "age", "flux_g", "flux_r"],
@@ -50,7 +51,7 @@ def synthetic_elements(n_records: int = 64, seed: int = 0, lengths: np.ndarray |
     period = rng.uniform(6.0, 24.0, n_records)
     phase = rng.uniform(0, 2 * math.pi, n_records)
 
-    rec = np.repeat(np.arange(n_records), lengths)
+    rec = segment_ids(offsets_from_counts(lengths))
     n = len(rec)
     t = rng.uniform(0, span, n)
     # timed channels: vitals frequent, labs rare, photometry in between
@@ -89,11 +90,3 @@ def synthetic_elements(n_records: int = 64, seed: int = 0, lengths: np.ndarray |
     stats = channel_statistics(elements.channel, elements.value, elements.error, CHANNELS, train)
     channels = pd.concat([CHANNELS, stats[["softening", "location", "scale"]]], axis=1)
     return elements, channels
-
-
-def training_data(arg: str = "") -> tuple[ElementSet, pd.DataFrame]:
-    """Entry point for ``python -m perceiver.train --data datasets.loader.synthetic:training_data``;
-    ``arg`` is ``"n_records[,seed]"`` (default ``"256,0"``)."""
-    parts = [int(p) for p in arg.split(",") if p.strip()] if arg else []
-    n, seed = (parts + [256, 0][len(parts):])[:2]
-    return synthetic_elements(n_records=n, seed=seed)

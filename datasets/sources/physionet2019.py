@@ -31,6 +31,7 @@ import pyarrow.csv as pacsv
 
 from datasets.format import Channel, RawElements
 from datasets.sources.base import Source, Unit, file_fingerprint, unreadable
+from perceiver.packing import offsets_from_counts, segment_ids
 
 VITALS = {"HR": "1 / min", "O2Sat": "%", "Temp": "deg_C", "SBP": "mmHg", "MAP": "mmHg", "DBP": "mmHg",
           "Resp": "1 / min", "EtCO2": "mmHg"}
@@ -251,8 +252,8 @@ def _record_id(unit: Unit) -> str:
 def _elements(matrix: np.ndarray, rows: np.ndarray, line: np.ndarray, units: list[Unit]) -> RawElements:
     """Melt a (hours x columns) matrix of many stays into elements, vectorised."""
     n_files = len(units)
-    starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
-    row_record = np.repeat(np.arange(n_files), rows)
+    starts = offsets_from_counts(rows)
+    row_record = segment_ids(starts)
     iculos = matrix[:, COLUMNS.index("ICULOS")]
     sepsis_col = matrix[:, COLUMNS.index("SepsisLabel")]
 

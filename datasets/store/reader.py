@@ -22,6 +22,7 @@ from datasets.format import ELEMENT_DTYPES, QUARANTINE_COLUMNS, ElementSet
 from datasets.store import _zarr
 from datasets.store.appendable import StoreError
 from datasets.store.layout import CHANNEL_COLUMNS
+from perceiver.packing import ranges
 
 
 class Store:
@@ -109,7 +110,7 @@ class Store:
         span = self.read(lo, hi)
         starts = self.offsets[positions] - self.offsets[lo]
         sizes = self.records["row_size"].to_numpy()[positions]
-        idx = _ranges(starts, sizes)
+        idx = ranges(starts, sizes)
         return ElementSet(records=self.records.iloc[positions].reset_index(drop=True), row_size=sizes,
                           **{k: getattr(span, k)[idx] for k in ELEMENT_DTYPES})
 
@@ -160,27 +161,6 @@ class Store:
         }
 
 
-def _ranges(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Concatenated ``arange(s, s + n)`` for each (s, n), vectorised."""
-    total = int(sizes.sum())
-    if total == 0:
-        return np.zeros(0, np.int64)
-    ends = np.cumsum(sizes)
-    idx = np.ones(total, np.int64)
-    nz = sizes > 0
-    s, e = starts[nz], ends[nz]
-    idx[0] = s[0]
-    idx[e[:-1]] = s[1:] - (s[:-1] + sizes[nz][:-1] - 1)
-    return np.cumsum(idx)
-
-
 def open_store(url: str, storage_options: dict | None = None) -> Store:
     """Open the store at ``url`` for reading (see :class:`Store`)."""
     return Store(url, storage_options)
-
-
-def training_data(url: str) -> tuple[ElementSet, pd.DataFrame]:
-    """Every record of the store at ``url`` (with its ``split``) and the channel table: what the training
-    entry point loads (``python -m perceiver.train --data datasets.store.reader:training_data --data-arg URL``)."""
-    store = open_store(url)
-    return store.read(), store.channels

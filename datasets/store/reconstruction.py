@@ -145,7 +145,7 @@ def _drop_leading_records(rec: dict[str, np.ndarray], k: int) -> dict[str, np.nd
 
 
 def reconstruction_arrays(r, row_size: np.ndarray) -> dict[str, np.ndarray]:
-    """A :class:`perceiver.reconstruction.Reconstruction` as the flat arrays the writer stores (and stages)."""
+    """A :class:`pipelines.run.reconstruction.Reconstruction` as the flat arrays the writer stores (and stages)."""
     return {"record_id": np.asarray(r.record_id, dtype=str), "row_size": np.asarray(row_size, np.int64),
             "grid_row_size": r.grid_row_size, "latent": r.latent, "mean": r.mean, "sigma": r.sigma,
             "mean_normalised": r.mean_normalised, "sigma_normalised": r.sigma_normalised,

@@ -43,7 +43,7 @@ class TrainConfig:
     eval_every: int = 200
     eval_batches: int = 20
     checkpoint_every: int = 200
-    #: torch intra-op threads per process (0 = torch's default)
+    #: torch intra-op threads per process (0 = OMP_NUM_THREADS where set, else the CPUs shared between processes)
     threads: int = 0
 
 

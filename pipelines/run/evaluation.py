@@ -157,7 +157,7 @@ def train_gradient_boost(train: ElementDataset, hidden: np.ndarray, means: np.nd
     """The gradient-boost baseline trained on the train split's ``hidden`` elements (its protocol plan,
     :func:`split_plan` with split ``train``), from its visible ones, leaving out the ``reserved`` records
     (boolean per record; :func:`reserved_records` when None). ``params``: HistGradientBoostingRegressor
-    settings (:data:`perceiver.baselines.GRADIENT_BOOST_PARAMS`)."""
+    settings (:data:`pipelines.run.baselines.GRADIENT_BOOST_PARAMS`)."""
     if reserved is None:
         reserved = reserved_records(len(train), seed)
     target = hidden & ~np.asarray(reserved, bool)[segment_ids(train.offsets)]
@@ -371,6 +371,10 @@ def evaluate_protocol(store: Store | str, model: Percival, config: RunConfig, pr
     # score
     ds = load_split(store, score_split, mc.contract, max_records)
     hidden = split_plan(ds, protocol, seed, score_split)
+    if not hidden.any():
+        why = (f"no {score_split}-split record has `{protocol.modality}` and another modality"
+               if protocol.kind == "modality" else f"every {score_split}-split record has a single element")
+        raise ValueError(f"protocol {protocol.name!r} would score nothing on {store.url}: {why}")
     sel = np.flatnonzero(hidden)
     value, error, channel = ds.value[sel], ds.error[sel], ds.channel[sel]
     preds = {"model": model_predictions(model, ds, hidden, **batching)}

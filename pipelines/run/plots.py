@@ -190,7 +190,7 @@ def _draw(model, ds, hidden, panels, channels, axes, time_unit, grid_points, mea
 
 def _linear_on_grid(ds: ElementDataset, r: int, hidden: np.ndarray, c: int, x_abs: np.ndarray,
                     means: np.ndarray) -> tuple[np.ndarray, bool]:
-    """:func:`perceiver.baselines.linear_interpolation` of record ``r``'s visible channel-``c`` elements at
+    """:func:`pipelines.run.baselines.linear_interpolation` of record ``r``'s visible channel-``c`` elements at
     the absolute times ``x_abs``, in physical units; True when there is none visible (the baseline then
     predicts the channel's train mean)."""
     s = slice(ds.offsets[r], ds.offsets[r + 1])

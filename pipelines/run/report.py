@@ -74,9 +74,6 @@ def report_markdown(results: list[ProtocolResult], store: str = "", checkpoint: 
             out += ["What each method sees:", ""]
             out += [f"- `{m}`: {evidence[m]}" for m in r.methods if m in evidence]
             out += [""]
-        if r.n_elements == 0:
-            out += ["No record of this split qualifies: nothing to score.", ""]
-            continue
         out += [markdown_table(r.table()), ""]
         modalities = list(r.metrics["model"].get("modality", {}))
         if len(modalities) > 1:

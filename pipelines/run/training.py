@@ -2,7 +2,8 @@
 
 From Python::
 
-    from pipelines.run.config import RunConfig
+    from pipelines.options import default_threads
+from pipelines.run.config import RunConfig
     from pipelines.run.training import train
     path = train(RunConfig(), elements, channels, "runs/demo")   # -> runs/demo
 
@@ -46,6 +47,7 @@ from perceiver import checkpoint
 from perceiver.metrics import Metrics
 from perceiver.model import Percival
 from perceiver.packing import PackedBatch
+from pipelines.options import default_threads
 from pipelines.run.config import RunConfig
 
 log = logging.getLogger("pipelines.run.training")
@@ -156,7 +158,7 @@ class Trainer:
         self.dist = dist_info or init_distributed()
         self.out = Path(out_dir)
         tc = config.train
-        threads = tc.threads or max(1, (os.cpu_count() or 1) // self.dist.local_world_size)
+        threads = tc.threads or default_threads(self.dist.local_world_size)
         if self.dist.device.type == "cpu":
             torch.set_num_threads(threads)
 
