@@ -46,9 +46,9 @@ def ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     total = int(counts.sum())
     if total == 0:
         return np.zeros(0, np.int64)
-    seg = np.repeat(np.arange(len(counts)), counts)
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    return np.asarray(starts, np.int64)[seg] + np.arange(total) - first[seg]
+    offsets = offsets_from_counts(counts)
+    seg = segment_ids(offsets)
+    return np.asarray(starts, np.int64)[seg] + np.arange(total) - offsets[seg]
 
 
 def subset_offsets(offsets: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndarray) -> torch.Tensor:

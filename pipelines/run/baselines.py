@@ -78,8 +78,7 @@ def along_axis(offsets: np.ndarray, time: np.ndarray, channel: np.ndarray, coord
     single time over many wavelengths (a spectrum), its ``coord`` (wavelength)."""
     if coord is None:
         return time
-    n_rec = len(offsets) - 1
-    record = np.repeat(np.arange(n_rec), np.diff(offsets))
+    record = segment_ids(offsets)
     n_ch = int(channel.max(initial=0)) + 1
     _, group = np.unique(record.astype(np.int64) * n_ch + channel, return_inverse=True)
     t = np.where(np.isfinite(time), time, np.nan)
