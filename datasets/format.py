@@ -46,7 +46,10 @@ class Channel:
 
     ``unit`` is an astropy unit string; ``coord`` the effective wavelength in Angstrom for photometric
     bands (NaN otherwise); ``transform`` is applied before normalisation: ``identity`` or ``asinh``
-    (flux-like channels whose values span orders of magnitude and can be negative).
+    (flux-like channels whose values span orders of magnitude and can be negative). ``valid_min`` /
+    ``valid_max`` are the physical range in ``unit`` (CF's attributes; NaN where unbounded, e.g. a
+    concentration has ``valid_min=0``, a saturation in % the range [0, 100]): a value outside it is
+    quarantined at ingest, with the value and the range.
     """
 
     name: str
@@ -54,6 +57,13 @@ class Channel:
     unit: str
     coord: float = math.nan
     transform: str = "identity"
+    valid_min: float = math.nan
+    valid_max: float = math.nan
+
+    def __post_init__(self):
+        if self.valid_min > self.valid_max:  # False where either is NaN
+            raise ValueError(f"channel {self.name!r}: valid_min {self.valid_min:g} is above valid_max "
+                             f"{self.valid_max:g}")
 
 
 @dataclass

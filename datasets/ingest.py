@@ -142,7 +142,7 @@ def read_shard(spec: ShardSpec) -> Validated:
     """Read and validate one shard (runs anywhere: main process, worker process, Prefect task)."""
     source = get_source(spec.source, **spec.options)
     raw = source.read(spec.units)
-    return validate(raw, len(source.channels()), spec.max_record_elements)
+    return validate(raw, source.channels(), spec.max_record_elements)
 
 
 def commit_shards(writer: StoreWriter, results: Iterable[tuple[ShardSpec, Validated]],

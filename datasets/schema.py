@@ -3,7 +3,8 @@
 Every element a source read ends up in exactly one place: stored, or counted in a quarantine row
 (``elements``) with its source file, first row number, record and reason. Checks, all vectorised:
 
-- ``value`` not finite;  ``time`` infinite (NaN = static element, kept);
+- ``value`` not finite, or outside its channel's declared ``[valid_min, valid_max]`` (the value and the range
+  are in the reason);  ``time`` infinite (NaN = static element, kept);
 - ``error`` infinite, zero or negative (NaN = unknown, kept);
 - ``channel`` not in the channel table;       - duplicate (time, channel, coord) within a record (first kept);
 - records with no elements;                   - records with more than ``max_record_elements`` elements;
@@ -15,12 +16,13 @@ Unsorted elements are not an error: they are sorted by (time, channel, coord), s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from datasets.format import ELEMENT_DTYPES, QUARANTINE_COLUMNS, ElementSet, RawElements
+from datasets.format import ELEMENT_DTYPES, QUARANTINE_COLUMNS, Channel, ElementSet, RawElements
 
 #: default limit on elements per record (the largest real records here have ~20k: DESI spectra)
 DEFAULT_MAX_RECORD_ELEMENTS = 200_000
@@ -53,9 +55,14 @@ def _quarantine_rows(mask: np.ndarray, raw: RawElements, reason: str, field: str
                           "reason": reasons, "elements": g["elements"].to_numpy()})]
 
 
-def validate(raw: RawElements, n_channels: int, max_record_elements: int = DEFAULT_MAX_RECORD_ELEMENTS
-             ) -> Validated:
-    """Check, sort and pack ``raw``; everything rejected is counted in the quarantine table."""
+def validate(raw: RawElements, channels: Sequence[Channel] | int,
+             max_record_elements: int = DEFAULT_MAX_RECORD_ELEMENTS) -> Validated:
+    """Check, sort and pack ``raw``; everything rejected is counted in the quarantine table. ``channels``: the
+    source's channel table (its ``valid_min`` / ``valid_max`` are checked), or just their number."""
+    n_channels = channels if isinstance(channels, int) else len(channels)
+    bounds = ([(np.nan, np.nan)] * n_channels if isinstance(channels, int)
+              else [(c.valid_min, c.valid_max) for c in channels])
+    lo, hi = np.array(bounds or [(np.nan, np.nan)], np.float64).reshape(-1, 2).T
     n_rec = len(raw.records)
     ids = raw.records["record_id"].astype(str).to_numpy()
     files = raw.records["source_file"].astype(str).to_numpy()
@@ -65,13 +72,24 @@ def validate(raw: RawElements, n_channels: int, max_record_elements: int = DEFAU
     error = raw.error.astype(np.float64)
     channel = raw.channel.astype(np.int64)
     bad_channel = (channel < 0) | (channel >= n_channels)
-    bad_value = ~bad_channel & ~np.isfinite(value)
+    not_finite = ~bad_channel & ~np.isfinite(value)
+    ch = np.where(bad_channel, 0, channel)
+    out_of_range = ~bad_channel & ~not_finite & ((value < lo[ch]) | (value > hi[ch]))  # NaN bound: no check
+    bad_value = not_finite | out_of_range
     bad_time = ~bad_channel & ~bad_value & np.isinf(raw.time)
     bad_error = ~bad_channel & ~bad_value & ~bad_time & (np.isinf(error) | (error <= 0))
     names = raw.channel_name if raw.channel_name is not None else None
     q += _quarantine_rows(bad_channel, raw, "unknown channel", "channel",
                           names.astype(str) if names is not None else None)
-    q += _quarantine_rows(bad_value, raw, "value is not finite", "value")
+    q += _quarantine_rows(not_finite, raw, "value is not finite", "value")
+    if out_of_range.any():
+        i = np.flatnonzero(out_of_range)
+        pairs, inverse = np.unique(np.stack([channel[i].astype(np.float64), value[i]]), axis=1, return_inverse=True)
+        text = np.array([f"{channels[int(c)].name}={v:g} not in [{lo[int(c)]:g}, {hi[int(c)]:g}]"
+                         for c, v in pairs.T], dtype=object)  # one string per distinct (channel, value)
+        detail = np.zeros(len(value), object)
+        detail[i] = text[inverse.ravel()]
+        q += _quarantine_rows(out_of_range, raw, "value outside the channel's valid range", "value", detail)
     q += _quarantine_rows(bad_time, raw, "time is infinite", "time")
     q += _quarantine_rows(bad_error, raw, "error is infinite, zero or negative", "error")
     keep = ~(bad_channel | bad_value | bad_time | bad_error)

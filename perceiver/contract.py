@@ -22,7 +22,8 @@ import numpy as np
 @dataclass
 class ChannelSpec:
     """One channel of the vocabulary. ``location`` / ``scale`` are in the transformed unit; NaN = unknown
-    (a checkpoint written before contracts existed: see :meth:`DataContract.complete`)."""
+    (a checkpoint written before contracts existed: see :meth:`DataContract.complete`). ``valid_min`` /
+    ``valid_max``: the channel's physical range in ``unit`` (NaN = unbounded)."""
 
     name: str
     modality: str
@@ -31,6 +32,8 @@ class ChannelSpec:
     softening: float = 1.0
     location: float = math.nan
     scale: float = math.nan
+    valid_min: float = math.nan
+    valid_max: float = math.nan
 
 
 @dataclass
@@ -77,15 +80,15 @@ class DataContract:
     def table(self) -> dict[str, np.ndarray]:
         """Per-channel arrays (``name``, ``modality``, ``unit``, ``transform``, ``softening``, ``location``,
         ``scale``) in channel order: what :func:`datasets.normalise.normalise` reads."""
-        cols = ("name", "modality", "unit", "transform", "softening", "location", "scale")
-        return {k: np.asarray([getattr(c, k) for c in self.channels],
-                              dtype=np.float64 if k in ("softening", "location", "scale") else object)
+        cols = ("name", "modality", "unit", "transform", "softening", "location", "scale", "valid_min", "valid_max")
+        numeric = ("softening", "location", "scale", "valid_min", "valid_max")
+        return {k: np.asarray([getattr(c, k) for c in self.channels], dtype=np.float64 if k in numeric else object)
                 for k in cols}
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        for c in data["channels"]:  # JSON has no NaN: unknown statistics are null
-            for k in ("location", "scale"):
+        for c in data["channels"]:  # JSON has no NaN: unknown statistics and absent bounds are null
+            for k in ("location", "scale", "valid_min", "valid_max"):
                 c[k] = c[k] if math.isfinite(c[k]) else None
         return data
 

@@ -34,7 +34,7 @@ def ingest(src, path):
     """discover + read + validate; asserts reconciliation (read == stored + quarantined per file), where
     read = raw elements + elements the source itself quarantined (lines it could not parse)."""
     raw = src.read(src.discover(str(path)))
-    checked = validate(raw, len(src.channels()))
+    checked = validate(raw, src.channels())
     c = checked.counts
     assert (c["read"] == c["stored"] + c["quarantined"]).all(), c
     assert c["read"].sum() == len(raw.record) + sum(q["elements"] for q in raw.quarantine)
@@ -296,6 +296,23 @@ def test_table_sample_with_custom_mapping():
     macho = get_source("macho").read(get_source("macho").discover(str(SAMPLES / "macho")))
     assert np.sort(raw.value) == pytest.approx(np.sort(macho.value))
     assert raw.row.min() == 2 and raw.row.max() == len(rows) + 1
+
+
+def test_table_valid_ranges_from_options_quarantine_what_lies_outside():
+    src = get_source("table", **TABLE_MAPPING, valid_max={"R": -4.0}, nonnegative=["B"])
+    raw, checked = ingest(src, SAMPLES / "table")
+    bounds = {c.name: (c.valid_min, c.valid_max) for c in src.channels()}
+    assert bounds["B"][0] == 0.0 and np.isnan(bounds["B"][1]) and np.isnan(bounds["R"][0]) and bounds["R"][1] == -4.0
+    b, r = names(raw, src) == "B", names(raw, src) == "R"
+    expected = int((raw.value[b] < 0).sum() + (raw.value[r] > -4.0).sum())
+    q = checked.quarantine
+    outside = q[q["reason"].str.startswith("value outside the channel's valid range")]
+    assert expected > 0 and outside["elements"].sum() == expected
+    assert outside["reason"].str.contains(r"'R=-?[\d.]+ not in \[nan, -4\]'").any()
+    assert checked.elements.n_elements == len(raw.value) - expected
+    with pytest.raises(ValueError, match="channel 'B': valid_min 1 is above valid_max 0"):
+        get_source("table", **TABLE_MAPPING, valid_min={"B": 1.0}, valid_max={"B": 0.0}).discover(
+            str(SAMPLES / "table"))
 
 
 def test_table_bad_rows_parquet_gzip_and_units(tmp_path):

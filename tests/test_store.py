@@ -168,3 +168,19 @@ def test_kill_9_during_ingest_then_rerun_equals_uninterrupted(tmp_path, samples,
     final = open_store(path)
     assert final.n_records == 300 and final.records["record_id"].is_unique
     assert final.content_hash() == open_store(reference).content_hash()
+
+
+def test_channel_table_carries_physical_ranges_into_the_model_contract(physionet_sample_store):
+    from datasets.loader import fit_contract
+
+    store = open_store(physionet_sample_store)
+    table = store.channels.set_index("name")
+    assert (table.loc["O2Sat", ["valid_min", "valid_max"]] == [0.0, 100.0]).all()
+    assert table.loc["Lactate", "valid_min"] == 0.0 and np.isnan(table.loc["Lactate", "valid_max"])
+    assert table.loc[["Temp", "BaseExcess", "HospAdmTime"], ["valid_min", "valid_max"]].isna().all().all()
+    elements = store.read()
+    lo = table["valid_min"].to_numpy()[elements.channel]
+    hi = table["valid_max"].to_numpy()[elements.channel]
+    assert not ((elements.value < lo) | (elements.value > hi)).any()  # what lay outside is in the quarantine
+    spec = {c.name: c for c in fit_contract(elements, store.channels).channels}
+    assert (spec["FiO2"].valid_min, spec["FiO2"].valid_max) == (0.0, 1.0)

@@ -51,11 +51,8 @@ def fit_contract(elements: ElementSet, channels: pd.DataFrame, records: np.ndarr
     missing = [c for c in REQUIRED_CHANNEL_COLUMNS if c not in channels.columns]
     if missing:
         raise ValueError(f"channel table lacks columns {missing} (normalisation statistics are required)")
-    unit = channels["unit"].astype(str) if "unit" in channels.columns else pd.Series([""] * len(channels))
     k = DataContract(
-        channels=[ChannelSpec(str(r.name), str(r.modality), str(u), str(r.transform), float(r.softening),
-                              float(r.location), float(r.scale))
-                  for r, u in zip(channels.itertuples(index=False), unit, strict=True)],
+        channels=[_spec(r) for _, r in channels.iterrows()],
         modalities=modality_names(channels), store_format=f"{FORMAT_NAME} {FORMAT_VERSION}")
     records = np.arange(elements.n_records) if records is None else np.asarray(records, np.int64)
     lengths = np.asarray(elements.row_size, np.int64)[records]
@@ -94,6 +91,13 @@ def fit_contract(elements: ElementSet, channels: pd.DataFrame, records: np.ndarr
     return k
 
 
+def _spec(row: pd.Series, name: str | None = None, modality: str | None = None) -> ChannelSpec:
+    """A contract channel from a row of a store's channel table (absent optional columns: their defaults)."""
+    return ChannelSpec(name or str(row["name"]), modality or str(row["modality"]), str(row.get("unit", "")),
+                       str(row["transform"]), float(row["softening"]), float(row["location"]), float(row["scale"]),
+                       float(row.get("valid_min", math.nan)), float(row.get("valid_max", math.nan)))
+
+
 def complete_from_store(contract: DataContract, channels: pd.DataFrame, where: str = "the store") -> DataContract:
     """A contract whose unknown normalisation statistics (a checkpoint written before contracts) are taken
     from the store's channel table -- the old behaviour, announced with a warning."""
@@ -106,9 +110,7 @@ def complete_from_store(contract: DataContract, channels: pd.DataFrame, where: s
     for c in contract.channels:
         if c.name not in table.index:
             raise ContractError(f"{where}: has no channel {c.name!r}, which the model was trained on")
-        r = table.loc[c.name]
-        done.append(ChannelSpec(c.name, c.modality, str(r.get("unit", "")), str(r["transform"]),
-                                float(r["softening"]), float(r["location"]), float(r["scale"])))
+        done.append(_spec(table.loc[c.name], c.name, c.modality))
     out = DataContract(**{**contract.__dict__, "channels": done})
     return out
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import os
 import struct
 import threading
@@ -42,6 +43,15 @@ LABS = {"BaseExcess": "mmol / L", "HCO3": "mmol / L", "FiO2": "", "pH": "", "PaC
         "Bilirubin_total": "mg / dL", "TroponinI": "ng / mL", "Hct": "%", "Hgb": "g / dL", "PTT": "s",
         "WBC": "1000 / uL", "Fibrinogen": "mg / dL", "Platelets": "1000 / uL"}
 STATIC = {"Age": "yr", "Gender": "", "Unit1": "", "Unit2": "", "HospAdmTime": "h"}
+#: physical ranges (``valid_min``, ``valid_max``; NaN = unbounded): concentrations, counts, rates and pressures
+#: are >= 0, fractions and percentages bounded on both sides; Temp, BaseExcess and HospAdmTime are signed
+NONNEGATIVE = (0.0, math.nan)
+VALID_RANGE = {
+    **{n: NONNEGATIVE for n in (*VITALS, *LABS, "Age")},
+    "O2Sat": (0.0, 100.0), "SaO2": (0.0, 100.0), "Hct": (0.0, 100.0), "FiO2": (0.0, 1.0), "pH": (0.0, 14.0),
+    "Gender": (0.0, 1.0), "Unit1": (0.0, 1.0), "Unit2": (0.0, 1.0),
+    "Temp": (math.nan, math.nan), "BaseExcess": (math.nan, math.nan), "HospAdmTime": (math.nan, math.nan),
+}
 COLUMNS = [*VITALS, *LABS, *STATIC, "ICULOS", "SepsisLabel"]
 N_SERIES = len(VITALS) + len(LABS)
 HEADER = "|".join(COLUMNS).encode()
@@ -56,7 +66,8 @@ class PhysioNet2019(Source):
 
     def channels(self) -> list[Channel]:
         groups = (("vitals", VITALS), ("labs", LABS), ("static", STATIC))
-        return [Channel(n, modality, unit) for modality, cols in groups for n, unit in cols.items()]
+        return [Channel(n, modality, unit, valid_min=VALID_RANGE[n][0], valid_max=VALID_RANGE[n][1])
+                for modality, cols in groups for n, unit in cols.items()]
 
     def discover(self, path: str) -> list[Unit]:
         """Units are the ``.psv`` members of every zip file under ``path`` (or plain ``.psv`` files)."""

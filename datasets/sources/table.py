@@ -19,6 +19,10 @@ Options name columns of the files; they are the whole configuration, no code is 
   ``channel_names`` (fix the channel table and its order; other channels are quarantined), ``sep``
   (CSV delimiter, ``None`` for whitespace), ``time_unit``, ``time_reference``; ``channel_table`` (a list
   of :class:`~datasets.format.Channel` fields as dicts) fixes the whole channel table, no learning.
+- Physical ranges (CF ``valid_min`` / ``valid_max``, in the channel's unit; values outside are quarantined
+  with the value and the range): ``valid_min`` / ``valid_max`` (a number for every channel, or a dict
+  channel -> number; NaN or absent = unbounded), and ``nonnegative`` (``True`` for every channel, or a list
+  of channels: ``valid_min`` 0 unless given).
 
 :meth:`TableSource.discover` lists the files (a file, or the ``.csv``, ``.csv.gz``, ``.tsv``, ``.parquet``
 files of a directory, sorted) and learns the channel table from their channel/unit/modality columns:
@@ -67,7 +71,10 @@ class TableSource(Source):
                  channel_coords: Mapping[str, float] | None = None,
                  channel_names: Sequence[str] | None = None,
                  channel_table: Sequence[Mapping] | None = None, sep: str | None = ",", time_unit: str = "d",
-                 time_reference: str = "", time_format: str = "number") -> None:
+                 time_reference: str = "", time_format: str = "number",
+                 valid_min: float | Mapping[str, float] | None = None,
+                 valid_max: float | Mapping[str, float] | None = None,
+                 nonnegative: bool | Sequence[str] = False) -> None:
         self._options = {k: v for k, v in locals().items() if k != "self"}  # the constructor's arguments
         if time_format not in ("number", "datetime"):
             raise ValueError(f"time_format must be 'number' or 'datetime', not {time_format!r}")
@@ -86,6 +93,7 @@ class TableSource(Source):
         self.transforms = dict(transforms or {})
         self.channel_coords = dict(channel_coords or {})
         self.channel_names = list(channel_names) if channel_names is not None else None
+        self.valid_min, self.valid_max, self.nonnegative = valid_min, valid_max, nonnegative
         self.sep, self.time_format = sep, time_format
         datetimes = time_format == "datetime"
         self.time_unit = "d" if datetimes else time_unit
@@ -141,8 +149,18 @@ class TableSource(Source):
             _check_unit(unit, f"unit of channel {name!r} (pass unit={{{name!r}: ...}} to override)")
             channels.append(Channel(name, modality_of.get(name, self.default_modality), unit,
                                     coord=float(self.channel_coords.get(name, np.nan)),
-                                    transform=self.transforms.get(name, "identity")))
+                                    transform=self.transforms.get(name, "identity"),
+                                    valid_min=self._bound(name, "min"), valid_max=self._bound(name, "max")))
         return channels
+
+    def _bound(self, name: str, which: str) -> float:
+        """A channel's ``valid_min`` or ``valid_max`` from the options (NaN: unbounded)."""
+        option = self.valid_min if which == "min" else self.valid_max
+        value = option.get(name) if isinstance(option, Mapping) else option
+        if value is None and which == "min":
+            nonneg = self.nonnegative
+            value = 0.0 if (nonneg is True or (not isinstance(nonneg, bool) and name in nonneg)) else None
+        return float("nan") if value is None else float(value)
 
     def _required(self) -> list[str]:
         return [self.columns[k] for k in ("record_id", "time", "channel", "value")]

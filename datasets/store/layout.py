@@ -36,7 +36,10 @@ CHANNEL_COLUMNS = {  # channel table column -> (store array name, dtype)
     "coord": ("channel_coord", np.float64), "transform": ("transform", str),
     "softening": ("softening", np.float64), "location": ("location", np.float64),
     "scale": ("scale", np.float64), "count": ("train_count", np.int64),
+    "valid_min": ("valid_min", np.float64), "valid_max": ("valid_max", np.float64),
 }
+#: channel-table columns added after stores were first written: absent arrays read as these values
+LATER_CHANNEL_COLUMNS = {"valid_min": np.nan, "valid_max": np.nan}
 QUARANTINE_DTYPES = {"source_file": str, "row": np.int64, "record_id": str, "field": str, "reason": str,
                      "elements": np.int64}
 UNIT_ARRAYS = {"unit_name": str, "unit_fingerprint": str}

@@ -21,7 +21,7 @@ import pandas as pd
 from datasets.format import ELEMENT_DTYPES, QUARANTINE_COLUMNS, ElementSet
 from datasets.store import _zarr
 from datasets.store.appendable import StoreError
-from datasets.store.layout import CHANNEL_COLUMNS
+from datasets.store.layout import CHANNEL_COLUMNS, LATER_CHANNEL_COLUMNS
 from perceiver.packing import ranges
 
 
@@ -72,7 +72,10 @@ class Store:
     @cached_property
     def channels(self) -> pd.DataFrame:
         """The channel table: name, modality, unit, coord, transform and train-split statistics."""
-        return pd.DataFrame({col: self._column(name) for col, (name, _) in CHANNEL_COLUMNS.items()})
+        n = len(self._column("channel_name"))
+        return pd.DataFrame({col: self._column(name) if name in self.group.array_keys()
+                             else np.full(n, LATER_CHANNEL_COLUMNS[col])  # a store written before the column
+                             for col, (name, _) in CHANNEL_COLUMNS.items()})
 
     @cached_property
     def quarantine(self) -> pd.DataFrame:

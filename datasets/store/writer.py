@@ -21,7 +21,14 @@ from datasets.format import ELEMENT_DTYPES, FORMAT_NAME, FORMAT_VERSION, Channel
 from datasets.normalise import channel_statistics
 from datasets.schema import Validated
 from datasets.store.appendable import AppendableGroup, StoreError, fill_value, now
-from datasets.store.layout import CHANNEL_COLUMNS, ELEMENT_ATTRS, QUARANTINE_DTYPES, UNIT_ARRAYS, assign_split
+from datasets.store.layout import (
+    CHANNEL_COLUMNS,
+    ELEMENT_ATTRS,
+    LATER_CHANNEL_COLUMNS,
+    QUARANTINE_DTYPES,
+    UNIT_ARRAYS,
+    assign_split,
+)
 
 DIMENSIONS = ("element", "record", "channel", "quarantine", "ingested_unit")
 RESERVED_RECORD_COLUMNS = ("record_id", "source_file")
@@ -55,6 +62,7 @@ class StoreWriter:
         else:
             if self.meta["source"] != source.name:
                 raise StoreError(f"{url} holds source {self.meta['source']!r}, not {source.name!r}")
+            self._add_later_channel_columns(source.channels())
             self._set_channels(source.channels())
         self.channel_map = self._channel_map(source.channels())
         n = self.count("record")
@@ -196,9 +204,26 @@ class StoreWriter:
             cols = {"name": [c.name for c in new], "modality": [c.modality for c in new],
                     "unit": [c.unit for c in new], "coord": [c.coord for c in new],
                     "transform": [c.transform for c in new], "softening": np.ones(len(new)),
-                    "location": np.zeros(len(new)), "scale": np.ones(len(new)), "count": np.zeros(len(new))}
+                    "location": np.zeros(len(new)), "scale": np.ones(len(new)), "count": np.zeros(len(new)),
+                    "valid_min": [c.valid_min for c in new], "valid_max": [c.valid_max for c in new]}
             self.out.append("channel", {name: np.asarray(cols[col], dtype=object if dt is str else dt)
                                          for col, (name, dt) in CHANNEL_COLUMNS.items()})
+
+    def _add_later_channel_columns(self, channels: list[Channel]) -> None:
+        """A store written before a channel-table column existed gets it, filled from the source's channels
+        (by name; the default elsewhere), committed with the next commit."""
+        n = self.count("channel")
+        names = list(self.group["channel_name"][:n])
+        by_name = {c.name: c for c in channels}
+        for col, default in LATER_CHANNEL_COLUMNS.items():
+            name, dtype = CHANNEL_COLUMNS[col]
+            if name in self.group.array_keys():
+                continue
+            self._array(name, dtype, "channel", {"long_name": f"channel {col}"})
+            self.group[name].resize((n,))
+            if n:
+                self.group[name][:] = np.array([getattr(by_name[x], col) if x in by_name else default
+                                                for x in names], dtype=dtype)
 
     def _channel_map(self, channels: list[Channel]) -> np.ndarray:
         names = list(self.group["channel_name"][:self.count("channel")])
