@@ -99,12 +99,28 @@ def normalise(value: np.ndarray, error: np.ndarray, channel: np.ndarray, table
     return z.astype(np.float32), sz.astype(np.float32)
 
 
+#: the standard normal quantile of a central 95 % interval
+Z95 = 1.959963984540054
+
+
+def interval(z: np.ndarray, sigma_z: np.ndarray, channel: np.ndarray, table, width: float = Z95
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """The central interval ``z +- width * sigma_z`` of a Gaussian in normalised (transformed) space, mapped back
+    to physical units: the 95 % interval by default. Asymmetric where the transform is not linear, and inside
+    any range the transform maps onto."""
+    lo = denormalise(np.asarray(z, np.float64) - width * np.asarray(sigma_z, np.float64), sigma_z, channel, table)[0]
+    hi = denormalise(np.asarray(z, np.float64) + width * np.asarray(sigma_z, np.float64), sigma_z, channel, table)[0]
+    return lo, hi
+
+
 def denormalise(z: np.ndarray, sigma_z: np.ndarray, channel: np.ndarray, table
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Back to physical units: mean ``T^-1(z * scale + location)``, sigma by first-order propagation."""
     kind, soft, loc, scale = _columns(table, channel)
     t = np.asarray(z, np.float64) * scale + loc
     asinh = kind == "asinh"
-    v = np.where(asinh, np.sinh(t) * np.where(asinh, soft, 1.0), t)
-    sigma = np.asarray(sigma_z, np.float64) * scale / derivative(v, kind, soft)
-    return v.astype(np.float32), sigma.astype(np.float32)
+    v = t.copy()
+    with np.errstate(over="ignore", divide="ignore"):  # beyond float range: +-inf (a huge sigma's interval)
+        v[asinh] = np.sinh(t[asinh]) * soft[asinh]
+        sigma = np.asarray(sigma_z, np.float64) * scale / derivative(v, kind, soft)
+        return v.astype(np.float32), sigma.astype(np.float32)

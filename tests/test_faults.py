@@ -14,7 +14,7 @@ from corpus import build_corpus, stay, stay_row
 
 from datasets.ingest import ingest
 from datasets.store import StoreError, StoreWriter, open_store
-from datasets.store.reconstruction import ReconstructionWriter, open_reconstruction
+from datasets.store.reconstruction import GRID_ARRAYS, ReconstructionWriter, open_reconstruction
 from pipelines import faults
 
 PHYSIONET = faults.PHYSIONET
@@ -144,10 +144,8 @@ def test_reconstruction_commits_never_duplicate_or_skip_records(tmp_path):
         return {"record_id": np.array([f"r{i}" for i in range(a, b)]), "row_size": rs, "grid_row_size": rs,
                 "latent": np.arange(a, b, dtype=np.float32)[:, None].repeat(4, 1),
                 **{k: np.repeat(np.arange(a, b, dtype=np.float32), 2) for k in
-                   ("mean", "sigma", "mean_normalised", "sigma_normalised")},
-                **{f"grid_{k}": np.repeat(np.arange(a, b), 2).astype(dt) for k, dt in
-                   (("time", np.float64), ("channel", np.int16), ("coord", np.float32), ("mean", np.float32),
-                    ("sigma", np.float32))}}
+                   ("mean", "sigma", "lower95", "upper95", "mean_normalised", "sigma_normalised")},
+                **{f"grid_{k}": np.repeat(np.arange(a, b), 2).astype(dt) for k, dt in GRID_ARRAYS.items()}}
 
     prov = {"input_store": "x", "checkpoint_sha256": "y"}
     with ReconstructionWriter(str(tmp_path / "a.zarr"), prov, 4) as w:

@@ -41,6 +41,15 @@ def test_reconstruct_writes_aligned_outputs_with_provenance(tmp_path, physionet_
     ch = store.read().channel.astype(np.int64)
     m, s = denormalise(r["mean_normalised"], r["sigma_normalised"], ch, store.channels)
     np.testing.assert_allclose(m, r["mean"], rtol=1e-5)
+    # the 95 % interval: computed in normalised space and mapped back (symmetric only for identity channels)
+    assert (r["lower95"] < r["mean"]).all() and (r["mean"] < r["upper95"]).all()
+    identity = (store.channels["transform"].to_numpy() == "identity")[ch]
+    asinh = ~identity
+    assert identity.any() and asinh.any()
+    np.testing.assert_allclose((r["upper95"] - r["mean"])[identity], 1.959964 * r["sigma"][identity], rtol=1e-3)
+    skew = (r["upper95"] - r["mean"]) / (r["mean"] - r["lower95"])
+    assert np.abs(skew[asinh] - 1).max() > 0.05  # asymmetric where the transform is not linear
+    assert (r["grid_lower95"] < r["grid_mean"]).all() and (r["grid_mean"] < r["grid_upper95"]).all()
     # a grid of 5 times per timed channel of each record, inside the record's time span
     first = store.record("p000001")
     timed = first[np.isfinite(first["time"])]

@@ -6,12 +6,14 @@ the element-set store), readable by ``xarray.open_zarr``:
 - ``record``: ``record_id``, ``row_size`` (elements, as in the input store), ``grid_row_size``, ``latent``
   (record x ``latent_index``: the pooled latent), optionally ``latents`` (record x n_latents*d_latent);
 - ``element`` (aligned element for element with the input store's records, in their order): ``mean``,
-  ``sigma`` (the channel's physical unit), ``mean_normalised``, ``sigma_normalised``; where the run had
+  ``sigma``, ``lower95``, ``upper95`` (the channel's physical unit; the 95 % interval is computed in the
+  normalised space and mapped back, so it is asymmetric for ``asinh`` channels), ``mean_normalised``,
+  ``sigma_normalised``; where the run had
   out-of-sample folds (attrs ``percival.folds`` >= 2) also ``mean_oos``, ``sigma_oos`` (physical),
   ``mean_oos_normalised``, ``sigma_oos_normalised`` and ``residual_z`` (each element predicted with its fold
   hidden, and its standardised residual; NaN for records of fewer than 2 elements);
-- ``grid``: ``grid_time``, ``grid_channel``, ``grid_coord``, ``grid_mean``, ``grid_sigma`` (the
-  reconstruction on requested grids; ``grid_row_size`` per record);
+- ``grid``: ``grid_time``, ``grid_channel``, ``grid_coord``, ``grid_mean``, ``grid_sigma``,
+  ``grid_lower95``, ``grid_upper95`` (the reconstruction on requested grids; ``grid_row_size`` per record);
 - ``completed_shard``: ``shard_key`` (shards of input records already written: a re-run skips them);
 - attrs ``percival``: input store, checkpoint and its SHA-256, model config, grid, code version, times.
 """
@@ -26,8 +28,8 @@ from datasets.store.appendable import AppendableGroup, StoreError
 
 FORMAT = "percival-reconstruction"
 DIMENSIONS = ("record", "element", "grid", "completed_shard")
-ELEMENT_ARRAYS = {"mean": np.float32, "sigma": np.float32, "mean_normalised": np.float32,
-                  "sigma_normalised": np.float32}
+ELEMENT_ARRAYS = {"mean": np.float32, "sigma": np.float32, "lower95": np.float32, "upper95": np.float32,
+                  "mean_normalised": np.float32, "sigma_normalised": np.float32}
 #: out-of-sample element arrays (present where the store was created with folds >= 2) and their attributes
 OOS_ARRAYS = {
     "mean_oos": {"long_name": "out-of-sample reconstruction mean (the element's fold hidden), in the "
@@ -41,7 +43,7 @@ OOS_ARRAYS = {
                                 "(0 where unknown)", "units": "1"},
 }
 GRID_ARRAYS = {"time": np.float64, "channel": np.int16, "coord": np.float32, "mean": np.float32,
-               "sigma": np.float32}
+               "sigma": np.float32, "lower95": np.float32, "upper95": np.float32}
 
 
 def store_folds(meta: dict) -> int:
@@ -83,6 +85,11 @@ class ReconstructionWriter:
             want = {k: provenance.get(k) for k in same}
             if same != want:
                 raise StoreError(f"{url} holds reconstructions of {same}, not {want}: choose another output")
+            missing = [n for n in (*ELEMENT_ARRAYS, *(f"grid_{g}" for g in GRID_ARRAYS))
+                       if n not in self.out.group.array_keys()]
+            if missing:
+                raise StoreError(f"{url} was written by an older Percival (it lacks {missing}): choose another "
+                                 "output")
             if store_folds(self.out.meta) != store_folds(provenance):
                 raise StoreError(f"{url} holds reconstructions with folds={store_folds(self.out.meta)}, not "
                                  f"{store_folds(provenance)}: choose another output or the same folds")
@@ -148,6 +155,7 @@ def reconstruction_arrays(r, row_size: np.ndarray) -> dict[str, np.ndarray]:
     """A :class:`pipelines.run.reconstruction.Reconstruction` as the flat arrays the writer stores (and stages)."""
     return {"record_id": np.asarray(r.record_id, dtype=str), "row_size": np.asarray(row_size, np.int64),
             "grid_row_size": r.grid_row_size, "latent": r.latent, "mean": r.mean, "sigma": r.sigma,
+            "lower95": r.lower95, "upper95": r.upper95,
             "mean_normalised": r.mean_normalised, "sigma_normalised": r.sigma_normalised,
             **{name: getattr(r, name) for name in OOS_ARRAYS if getattr(r, name, None) is not None},
             **{f"grid_{k}": v for k, v in r.grid.items()}}
@@ -177,7 +185,7 @@ def open_reconstruction(url: str, storage_options: dict | None = None) -> dict:
                             "grid_row_size": g["grid_row_size"][:]})
     out = {"meta": meta, "records": records, "latent": g["latent"][:],
            "content_hash": _zarr.content_hash(g)}
-    out.update({name: g[name][:] for name in ELEMENT_ARRAYS})
+    out.update({name: g[name][:] for name in ELEMENT_ARRAYS if name in g})  # older stores lack the intervals
     out.update({name: g[name][:] for name in OOS_ARRAYS if name in g})
-    out.update({f"grid_{name}": g[f"grid_{name}"][:] for name in GRID_ARRAYS})
+    out.update({f"grid_{name}": g[f"grid_{name}"][:] for name in GRID_ARRAYS if f"grid_{name}" in g})
     return out

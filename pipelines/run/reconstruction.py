@@ -45,7 +45,7 @@ import torch
 
 from datasets.format import ElementSet
 from datasets.loader import ElementDataset, token_batches
-from datasets.normalise import denormalise
+from datasets.normalise import denormalise, interval
 from perceiver.model import Percival
 from perceiver.packing import offsets_from_counts, ranges, segment_ids
 from pipelines.run.inference import Queries, predict, predict_hidden
@@ -74,10 +74,12 @@ class Reconstruction:
     latent: np.ndarray  # (R, d_latent) float32
     mean: np.ndarray  # per element, physical units
     sigma: np.ndarray
+    lower95: np.ndarray  # the 95 % interval, computed in normalised space and mapped back (physical units)
+    upper95: np.ndarray
     mean_normalised: np.ndarray
     sigma_normalised: np.ndarray
     grid_row_size: np.ndarray  # (R,)
-    grid: dict[str, np.ndarray] = field(default_factory=dict)  # time, channel, coord, mean, sigma
+    grid: dict[str, np.ndarray] = field(default_factory=dict)  # time, channel, coord, mean, sigma, lower95, upper95
     #: out-of-sample outputs per element (None where folds are off; NaN for records of fewer than 2 elements)
     folds: int = 0
     fold: np.ndarray | None = None  # int16, the element's fold (0..folds-1)
@@ -240,8 +242,10 @@ def reconstruct(model: Percival, elements: ElementSet, channels: pd.DataFrame, g
         return full
 
     mean, sigma = denormalise(mean_n, sigma_n, ds.channel, contract)
+    lower, upper = interval(mean_n, sigma_n, ds.channel, contract)
     out = Reconstruction(record_id=elements.records["record_id"].astype(str).to_numpy(), latent=latent,
-                         mean=aligned(mean), sigma=aligned(sigma), mean_normalised=aligned(mean_n),
+                         mean=aligned(mean), sigma=aligned(sigma), lower95=aligned(lower.astype(np.float32)),
+                         upper95=aligned(upper.astype(np.float32)), mean_normalised=aligned(mean_n),
                          sigma_normalised=aligned(sigma_n),
                          grid_row_size=np.array([len(grid_parts[i][0]) if i in grid_parts else 0
                                                  for i in range(n_rec)], np.int64))
@@ -258,8 +262,10 @@ def reconstruct(model: Percival, elements: ElementSet, channels: pd.DataFrame, g
     if parts:
         t, c, co, m, s = (np.concatenate(x) for x in zip(*parts, strict=True))
         gm, gs = denormalise(m, s, c, contract)
-        out.grid = {"time": t, "channel": ds.store_channel[c].astype(np.int16), "coord": co, "mean": gm, "sigma": gs}
+        gl, gu = interval(m, s, c, contract)
+        out.grid = {"time": t, "channel": ds.store_channel[c].astype(np.int16), "coord": co, "mean": gm,
+                    "sigma": gs, "lower95": gl.astype(np.float32), "upper95": gu.astype(np.float32)}
     else:
         out.grid = {"time": np.zeros(0), "channel": np.zeros(0, np.int16), "coord": np.zeros(0, np.float32),
-                    "mean": np.zeros(0, np.float32), "sigma": np.zeros(0, np.float32)}
+                    **{k: np.zeros(0, np.float32) for k in ("mean", "sigma", "lower95", "upper95")}}
     return out
