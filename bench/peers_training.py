@@ -92,7 +92,8 @@ def throughput(steps: int, passes: int = 3) -> dict:
     from datasets.loader.synthetic import lognormal_lengths, synthetic_elements
     from perceiver.config import ModelConfig
     from pipelines.run.config import RunConfig, TrainConfig
-    from pipelines.run.training import Trainer, autocast
+    from pipelines.run.devices import autocast
+    from pipelines.run.training import Trainer
 
     lengths = lognormal_lengths(1500, np.random.default_rng(5), median=150, sigma=1.1, low=10, high=5000)
     elements, channels = synthetic_elements(seed=5, lengths=lengths)

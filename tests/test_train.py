@@ -21,8 +21,9 @@ from datasets.loader.synthetic import synthetic_elements
 from perceiver import checkpoint
 from perceiver.config import ModelConfig
 from pipelines.run.config import RunConfig, TrainConfig, apply_overrides, load_run
+from pipelines.run.devices import resolve_precision
 from pipelines.run.inference import predict
-from pipelines.run.training import Trainer, lr_factor, main, resolve_precision, train
+from pipelines.run.training import Trainer, lr_factor, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +65,49 @@ def test_train_writes_a_loadable_checkpoint(tmp_path, data):
     ds = ElementDataset(elements, channels, model.config.contract, split="test")
     pred = predict(model, ds.collate([0, 1]))
     assert torch.isfinite(pred.mean).all() and pred.latent.shape == (2, config.model.sizes.d_latent)
+
+
+def test_checkpoint_selection_ignores_one_extreme_validation_value(tmp_path, data):
+    """The validation score that selects the published weights (per-channel median |error|) picks the same step
+    when one scored validation value is absurd, while the validation MSE is swamped by it."""
+    import dataclasses
+
+    from datasets.loader import token_batches
+    from pipelines.run.training import EVAL_EPOCH
+
+    elements, channels = data
+    config = small_run(steps=12, eval_every=2, select_best=True)
+    trainer = Trainer(config, elements, channels, tmp_path / "probe", resume=False)
+    tc, ds = trainer.config.train, trainer.val_ds
+    first = token_batches(ds.lengths, tc.batch_tokens, tc.max_records, shuffle=True, seed=tc.seed,
+                          epoch=EVAL_EPOCH, record_cost=tc.record_cost, max_elements=tc.max_record_elements)[0]
+    batch = ds.collate(first, trainer.config.masking, np.random.default_rng([tc.seed, EVAL_EPOCH, 0]),
+                       tc.max_record_elements)
+    victim = int(batch.element_index[batch.target][0])  # an element every evaluation scores
+    value = elements.value.copy()
+    value[victim] = 1e6
+    spoiled = dataclasses.replace(elements, value=value)
+
+    runs = {}
+    for name, es in (("clean", elements), ("spoiled", spoiled)):
+        out = train(config, es, channels, tmp_path / name)
+        val = [r for r in checkpoint.read_metrics(out) if r["split"] == "val"]
+        runs[name] = (val[-1]["best_step"], [r["overall"]["mse"] for r in val],
+                      load_file(out / "model.safetensors"), load_file(out / "best.safetensors"))
+        assert set(val[-1]["selection"]["modality"]) <= set(trainer.config.model.modalities)
+    (clean_step, clean_mse, clean_published, clean_best), (spoiled_step, spoiled_mse, *_) = runs.values()
+    assert min(spoiled_mse) > 1000 * max(clean_mse)  # the absurd value was scored every time
+    assert spoiled_step == clean_step and 0 < clean_step <= 12
+    assert all(torch.equal(clean_published[k], clean_best[k]) for k in clean_best)  # the selected weights
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_improvement(tmp_path, data):
+    elements, channels = data
+    out = train(small_run(steps=40, eval_every=1, lr=0.0, warmup_steps=1, early_stop_patience=2), elements,
+                channels, tmp_path / "run")
+    val = [r["step"] for r in checkpoint.read_metrics(out) if r["split"] == "val"]
+    # lr 0: nothing improves after the first evaluation, so the run stops two evaluations later
+    assert val == [1, 2, 3] and checkpoint.load_training_state(out)["step"] == 3
 
 
 class Crash(Exception):

@@ -43,6 +43,12 @@ class TrainConfig:
     eval_every: int = 200
     eval_batches: int = 20
     checkpoint_every: int = 200
+    #: checkpoint selection on the validation split (:mod:`pipelines.run.selection`: per-channel median absolute
+    #: error, averaged over channels): publish the best evaluation's weights as ``model.safetensors`` at the end
+    #: (they are kept in ``best.safetensors`` meanwhile), and stop after this many evaluations without a better
+    #: score (0 = never)
+    select_best: bool = False
+    early_stop_patience: int = 0
     #: torch intra-op threads per process (0 = OMP_NUM_THREADS where set, else the CPUs shared between processes)
     threads: int = 0
 

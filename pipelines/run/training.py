@@ -4,6 +4,8 @@ From Python::
 
     from pipelines.options import default_threads
 from pipelines.run.config import RunConfig
+from pipelines.run.devices import DistInfo, autocast, init_distributed, resolve_precision
+from pipelines.run.selection import RobustScore, Selection
     from pipelines.run.training import train
     path = train(RunConfig(), elements, channels, "runs/demo")   # -> runs/demo
 
@@ -25,7 +27,6 @@ an uninterrupted run: the data order and masking plans are functions of (seed, e
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -49,50 +50,15 @@ from perceiver.model import Percival
 from perceiver.packing import PackedBatch
 from pipelines.options import default_threads
 from pipelines.run.config import RunConfig
+from pipelines.run.devices import DistInfo, autocast, init_distributed, resolve_precision
+from pipelines.run.selection import RobustScore, Selection
 
 log = logging.getLogger("pipelines.run.training")
 
 #: the "epoch" used to seed evaluation batches and masks (never a training epoch)
 EVAL_EPOCH = 2**31 - 1
-
-
-# ---------------------------------------------------------------------------------------------------------
-# precision and devices
-# ---------------------------------------------------------------------------------------------------------
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX on this CPU (torch's probes, else ``/proc/cpuinfo`` flags)."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(requested: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``requested`` ("auto", "bf16", "fp32"); None means plain fp32."""
-    if requested == "fp32":
-        return None
-    if requested not in ("auto", "bf16"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, got {requested!r}")
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
-    elif device.type == "cpu":
-        native = cpu_has_native_bf16()
-    else:
-        native = False
-    if requested == "auto":
-        return torch.bfloat16 if native else None
-    if not native:
-        log.warning("bf16 requested on %s without native bf16 support: it will be slow", device)
-    return torch.bfloat16
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+#: the weights of the best validation score so far (``train.select_best``)
+BEST_WEIGHTS = "best.safetensors"
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -101,33 +67,6 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-@dataclasses.dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
-    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> DistInfo:
-    """Join the process group described by torchrun's environment (gloo on CPU, nccl on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return DistInfo(rank=int(os.environ.get("RANK", "0")), world_size=world, local_rank=local_rank,
-                    local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))), device=device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -195,6 +134,7 @@ class Trainer:
         self.dtype = resolve_precision(tc.precision, self.dist.device)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.window: list[list[float]] = []  # per step since the last log: loss, elements, seconds
+        self.selection = Selection()
         self._epoch_batches: list[np.ndarray] | None = None
         if state is not None:
             self._load_state(state)
@@ -214,7 +154,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                 "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "window": torch.tensor(self.window, dtype=torch.float64).reshape(-1, 3),
-                "world_size": self.dist.world_size}
+                "selection": self.selection.state(), "world_size": self.dist.world_size}
 
     def _load_state(self, state: dict) -> None:
         if state["world_size"] != self.dist.world_size:
@@ -226,6 +166,8 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.window = state["window"].tolist()
+        if "selection" in state:  # states written before selection existed start afresh
+            self.selection = Selection.from_state(state["selection"])
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines written after the checkpoint we resume from (a killed run may have some)."""
@@ -294,6 +236,7 @@ class Trainer:
         tc = self.config.train
         c = self.config.model
         metrics = Metrics(c.channel_names, c.channel_modality, c.modalities)
+        robust = RobustScore(c.channel_modality, c.modalities)
         batches = token_batches(ds.lengths, tc.batch_tokens, tc.max_records, shuffle=True, seed=tc.seed,
                                 epoch=EVAL_EPOCH, record_cost=tc.record_cost,
                                 max_elements=tc.max_record_elements)
@@ -305,7 +248,8 @@ class Trainer:
                 output = self.model(batch)
             t = batch.target
             metrics.update(output.mean, output.log_sigma, batch.value[t], batch.error[t], batch.channel[t])
-        return metrics.summary()
+            robust.update(output.mean, batch.value[t], batch.channel[t])
+        return {**metrics.summary(), "selection": robust.summary()}
 
     def _flush_window(self) -> None:
         w = torch.tensor(self.window, dtype=torch.float64).reshape(-1, 3)
@@ -330,7 +274,8 @@ class Trainer:
         reporting; an exception raised there stops the run like a crash, without a checkpoint).
         """
         tc = self.config.train
-        while self.step < tc.steps:
+        stop = bool(tc.early_stop_patience) and self.selection.since_best >= tc.early_stop_patience
+        while self.step < tc.steps and not stop:
             t0 = time.perf_counter()
             batch = self.next_batch()
             loss, grad_norm = self.train_step(batch)
@@ -340,16 +285,37 @@ class Trainer:
             if self.step % tc.log_every == 0 or self.step == tc.steps:
                 self._flush_window()
             if self.val_ds is not None and (self.step % tc.eval_every == 0 or self.step == tc.steps):
-                if self.dist.is_main:
-                    self._log({"step": self.step, "split": "val", **self.evaluate()})
-                if self.dist.world_size > 1:
-                    dist.barrier()
-            if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
+                stop = self._validate()
+            if self.step % tc.checkpoint_every == 0 or self.step == tc.steps or stop:
                 self.save()
             if on_step is not None:
                 on_step({"step": self.step, "loss": loss, "grad_norm": grad_norm,
                          "elements": batch.n_elements})
+        if tc.select_best and self.dist.is_main and (self.out / BEST_WEIGHTS).exists():
+            # publish the selected weights; training_state.pt keeps the last ones for a resumed run
+            checkpoint.atomic_write(self.out / checkpoint.WEIGHTS,
+                                    lambda tmp: Path(tmp).write_bytes((self.out / BEST_WEIGHTS).read_bytes()))
         return self.out
+
+    def _validate(self) -> bool:
+        """Evaluate on the validation split (rank 0), log it, track the selection score; True to stop early."""
+        tc = self.config.train
+        stop = False
+        if self.dist.is_main:
+            record = self.evaluate()
+            score = record["selection"]["overall"]
+            if self.selection.update(score, self.step) and tc.select_best:
+                checkpoint.save_weights(self.model, self.out / BEST_WEIGHTS, {"step": str(self.step)})
+            self._log({"step": self.step, "split": "val", **record, "best_step": self.selection.best_step})
+            log.info("step %d  validation median |error| %.4f (%s)  best at step %d", self.step, score,
+                     ", ".join(f"{m} {v:.4f}" for m, v in record["selection"]["modality"].items()),
+                     self.selection.best_step)
+            stop = bool(tc.early_stop_patience) and self.selection.since_best >= tc.early_stop_patience
+        if self.dist.world_size > 1:
+            flag = torch.tensor([int(stop)])
+            dist.broadcast(flag, 0)  # every rank stops at the same step
+            stop = bool(flag)
+        return stop
 
 
 def train(config: RunConfig, elements: ElementSet, channels: pd.DataFrame, out_dir: str | Path,
