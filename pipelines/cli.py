@@ -185,6 +185,16 @@ def main(argv: list[str] | None = None) -> int:
 
     add_serve_parser(sub)
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ingest"] and {"-h", "--help"} & set(argv):
+        named = [a for a in argv[1:] if not a.startswith("-")]
+        if named:  # `percival ingest SOURCE -h`: the command's help and that source's options
+            from datasets.sources import REGISTRY, get_source_class
+
+            if named[0] in REGISTRY:
+                ing.print_help()
+                print("\n" + get_source_class(named[0]).options_help())
+                return 0
     args = p.parse_args(argv)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `percival info X | head` ends quietly
     if args.fn in (cmd_ingest, cmd_train, cmd_reconstruct, cmd_evaluate, cmd_demo) \

@@ -69,3 +69,15 @@ def test_cli_ingest_runs_the_flow_on_a_temporary_api_started_first(tmp_path, sam
     # the temporary server wrote to the same Prefect database the test's API reads
     (run,) = flow_runs_with("store", str(tmp_path / "p.zarr"))
     assert run.state.is_completed()
+
+
+def test_ingest_help_lists_a_sources_options_with_meaning_and_default(capsys):
+    from pipelines.cli import main
+
+    assert main(["ingest", "table", "-h"]) == 0
+    out = capsys.readouterr().out
+    assert "usage: percival ingest" in out and "options of source 'table'" in out
+    assert "astropy unit of the time column (e.g. 'd' days, 'h' hours, 'min') (default 'd')" in out
+    assert "valid_min" in out and "nonnegative" in out
+    assert main(["ingest", "physionet2019", "--help"]) == 0
+    assert "source 'physionet2019' takes no options." in capsys.readouterr().out

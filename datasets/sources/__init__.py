@@ -18,11 +18,16 @@ REGISTRY: dict[str, str] = {
 }
 
 
-def get_source(name: str, **options) -> Source:
-    """An instance of the source called ``name``; ``options`` go to its constructor."""
+def get_source_class(name: str) -> type[Source]:
+    """The class of the source called ``name``."""
     if name not in REGISTRY:
         raise ValueError(f"unknown source {name!r}; known sources: {', '.join(sorted(REGISTRY))}")
-    return importlib.import_module(REGISTRY[name]).SOURCE(**options)
+    return importlib.import_module(REGISTRY[name]).SOURCE
 
 
-__all__ = ["REGISTRY", "Source", "Unit", "get_source"]
+def get_source(name: str, **options) -> Source:
+    """An instance of the source called ``name``; ``options`` go to its constructor."""
+    return get_source_class(name)(**options)
+
+
+__all__ = ["REGISTRY", "Source", "Unit", "get_source", "get_source_class"]

@@ -7,6 +7,7 @@ allows it). Reading never raises on bad input: an unreadable unit becomes a quar
 
 from __future__ import annotations
 
+import inspect
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -59,6 +60,23 @@ class Source(ABC):
         """Group units into shards of about ``size`` units, in order. Sources whose records span several
         units (a star's B and R files) override this to keep a record's units together."""
         return [units[i:i + size] for i in range(0, len(units), size)]
+
+    #: constructor option -> what it means (with its unit); the defaults come from the signature
+    OPTION_HELP: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def options_help(cls) -> str:
+        """The source's options (``percival ingest SOURCE --option KEY=VALUE``): meaning, unit and default."""
+        if not cls.OPTION_HELP:
+            return f"source {cls.name!r} takes no options."
+        params = inspect.signature(cls.__init__).parameters
+        width = max(map(len, cls.OPTION_HELP))
+        lines = [f"options of source {cls.name!r} (--option KEY=VALUE; values are JSON where they parse):"]
+        for name, meaning in cls.OPTION_HELP.items():
+            default = params[name].default if name in params else inspect.Parameter.empty
+            shown = "required" if default is inspect.Parameter.empty else f"default {default!r}"
+            lines.append(f"  {name:<{width}}  {meaning} ({shown})")
+        return "\n".join(lines)
 
     def resolved_options(self) -> dict | None:
         """Constructor options that rebuild this source as :meth:`discover` left it, for readers in other

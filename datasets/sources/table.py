@@ -62,6 +62,30 @@ class TableSource(Source):
     name = "table"
     time_unit = "d"
     units_per_shard = 1  # a long table file often holds a whole archive
+    OPTION_HELP = {
+        "record_id": "column of the record (object, stay) id",
+        "time": "column of the time, in time_unit (empty = a static element)",
+        "channel": "column of the channel name",
+        "value": "column of the measurement, in the channel's unit",
+        "error": "column of the 1-sigma measurement error, in the channel's unit (none: unknown)",
+        "coord": "column of the wavelength, Angstrom (none: no coord)",
+        "unit": "column of per-row astropy unit strings, or a dict channel -> unit ('' = dimensionless)",
+        "modality": "column of the modality, or a dict channel -> modality",
+        "labels": "record attribute columns: a list, or a dict column -> 'float' | 'str'",
+        "t0": "column of the record's reference time, in time_unit",
+        "default_modality": "modality of channels not given one",
+        "transforms": "dict channel -> 'identity' | 'asinh' (flux-like channels)",
+        "channel_coords": "dict channel -> effective wavelength, Angstrom",
+        "channel_names": "the channel table's names, in order (other channels are quarantined)",
+        "channel_table": "the whole channel table as a list of Channel fields (no learning from the data)",
+        "sep": "CSV delimiter (null: whitespace)",
+        "time_unit": "astropy unit of the time column (e.g. 'd' days, 'h' hours, 'min')",
+        "time_reference": "what time counts from, in words",
+        "time_format": "'number' or 'datetime' (timestamps, converted to MJD days)",
+        "valid_min": "physical minimum, in the channel's unit: a number for every channel or a dict channel -> number",
+        "valid_max": "physical maximum, in the channel's unit: a number or a dict channel -> number",
+        "nonnegative": "true (every channel) or a list of channels: valid_min 0 unless given",
+    }
 
     def __init__(self, record_id: str = "record_id", time: str = "time", channel: str = "channel",
                  value: str = "value", error: str | None = None, coord: str | None = None,
