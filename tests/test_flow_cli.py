@@ -81,3 +81,15 @@ def test_ingest_help_lists_a_sources_options_with_meaning_and_default(capsys):
     assert "valid_min" in out and "nonnegative" in out
     assert main(["ingest", "physionet2019", "--help"]) == 0
     assert "source 'physionet2019' takes no options." in capsys.readouterr().out
+
+
+def test_a_checkpoint_that_does_not_match_the_store_is_one_line_before_any_work(tmp_path, samples, capsys,
+                                                                                tiny_checkpoint):
+    store = str(tmp_path / "plasticc.zarr")
+    ingest("plasticc", str(samples / "plasticc"), store)
+    for command in (["evaluate", store, "--checkpoint", tiny_checkpoint, "--out", str(tmp_path / "eval")],
+                    ["reconstruct", store, "--checkpoint", tiny_checkpoint, "--out", str(tmp_path / "rec.zarr")]):
+        assert main(command) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("percival ")]
+        assert len(err) == 1 and "has no channel 'HR', which the model was trained on" in err[0], err
+    assert not (tmp_path / "rec.zarr").exists() and not list((tmp_path / "eval").glob("*.png"))
