@@ -118,24 +118,41 @@ def _image_url(path: Path) -> str:
     return path.resolve().as_uri()
 
 
+#: records of the scored split whose grid curves are checked for invented rhythms
+RHYTHM_RECORDS = 200
+
+
+@task(retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io, task_run_name="rhythms")
+def rhythms_task(store: str, checkpoint: str, split: str) -> dict:
+    """Sub-Nyquist RMS of grid curves per modality, model vs PCHIP (:mod:`pipelines.run.rhythms`), on the first
+    :data:`RHYTHM_RECORDS` records of the scored split."""
+    from datasets.store import open_store
+    from perceiver.checkpoint import load
+    from pipelines.run.protocols import load_split
+    from pipelines.run.rhythms import sub_nyquist_rms
+
+    model = load(checkpoint)
+    return sub_nyquist_rms(model, load_split(open_store(store), split, model.config.contract, RHYTHM_RECORDS))
+
+
 @task(name="report", task_run_name="report")
 def report_task(results: list[dict], plots: dict[str, list[str]], out_dir: str, store: str, checkpoint: str,
-                seed: int, max_records: int | None, split: str = "test") -> dict:
+                seed: int, max_records: int | None, split: str = "test", rhythms: dict | None = None) -> dict:
     from perceiver.checkpoint import weights_sha256
     from pipelines.run.evaluation import ProtocolResult
     from pipelines.run.protocols import Protocol
-    from pipelines.run.report import report_markdown, table_rows
+    from pipelines.run.report import report_markdown, rhythms_markdown, table_rows
 
     out = Path(out_dir)
     res = [ProtocolResult.from_dict(r) for r in results]
     names = {p: [Path(x).name for x in paths] for p, paths in plots.items()}
-    markdown = report_markdown(res, store, checkpoint, names)
+    markdown = report_markdown(res, store, checkpoint, names) + rhythms_markdown(rhythms or {}, RHYTHM_RECORDS)
     md_path, json_path = out / "evaluation.md", out / "evaluation.json"
     md_path.write_text(markdown + "\n")
     doc = {"store": store, "checkpoint": checkpoint, "checkpoint_sha256": weights_sha256(checkpoint),
            "split": split, "seed": seed, "max_records": max_records,
            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-           "protocols": results, "plots": names}
+           "protocols": results, "plots": names, "sub_nyquist_rms": rhythms or {}}
     json_path.write_text(json.dumps(doc, indent=1, default=float) + "\n")
 
     # artifacts: the report (plots listed by path: the UI cannot read local files), a table, the plots
@@ -185,7 +202,8 @@ def evaluate_flow(store: str, checkpoint: str, out_dir: str, protocols: tuple[st
         result = evaluate_task(store, checkpoint, name, seed, max_records, means, split, gradient_boost_elements)
         plots[name] = plots_task(store, checkpoint, name, seed, max_records, means, result, out_dir)
         results.append(result)
-    summary = report_task(results, plots, out_dir, store, checkpoint, seed, max_records, split)
+    rhythms = rhythms_task(store, checkpoint, split)
+    summary = report_task(results, plots, out_dir, store, checkpoint, seed, max_records, split, rhythms)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     logger.info("evaluation written to %s", summary["markdown"])
     return summary

@@ -239,6 +239,9 @@ def test_evaluate_flow_end_to_end(physionet_run):
     assert "| channel | model | lin. interp. | fwd fill | record mean | channel mean | grad. boost | n |" in md
     doc = json.loads((out / "evaluation.json").read_text())
     assert doc["split"] == "test" and summary["split"] == "test"
+    rhythms = doc["sub_nyquist_rms"]  # invented rhythms of grid curves, model vs PCHIP, per modality
+    assert rhythms["vitals"]["curves"] > 0 and rhythms["vitals"]["model"] >= 0 and rhythms["vitals"]["pchip"] >= 0
+    assert "## Invented rhythms (grid curves)" in md
     results = {r["protocol"]: ProtocolResult.from_dict(r) for r in doc["protocols"]}
     assert set(results) == {"holdout", "modality:labs"}
     for r in results.values():

@@ -95,3 +95,20 @@ def report_markdown(results: list[ProtocolResult], store: str = "", checkpoint: 
         elif paths:
             out += ["Plots: " + ", ".join(paths), ""]
     return "\n".join(out)
+
+
+def rhythms_markdown(table: dict[str, dict], n_records: int) -> str:
+    """The invented-rhythm section (:mod:`pipelines.run.rhythms`): per modality, the mean sub-Nyquist RMS of the
+    model's grid curves and of PCHIP's."""
+    if not table:
+        return ""
+    out = ["", "## Invented rhythms (grid curves)", "",
+           f"First {n_records} records of the scored split, every element visible; per (record, channel) with at "
+           "least 3 observations, 64 grid times between the channel's first and last observation. RMS "
+           "(normalised units) of the curve's content at periods shorter than twice the channel's median gap "
+           "in the record (what its sampling cannot support), after removing the line through the curve's "
+           "end points; PCHIP through the same observations is the reference (≤ 1.0× is the aim).", "",
+           "| modality | curves | model | PCHIP | model / PCHIP |", "|---|---:|---:|---:|---:|"]
+    out += [f"| {m} | {r['curves']:,} | {_fmt(r['model'])} | {_fmt(r['pchip'])} | {_fmt(r['model_vs_pchip'])} |"
+            for m, r in table.items()]
+    return "\n".join(out) + "\n"
