@@ -8,7 +8,8 @@ the channel's first and last observation is reconstructed (every element of the 
 transform sees no jump), and the RMS of the Fourier components at periods shorter than twice the channel's
 median gap in that record is the curve's *sub-Nyquist RMS* (normalised units). The same number for a PCHIP
 interpolant of the observations on the same grid points (monotone between observations: no invented
-rhythm) is the reference.
+rhythm) is the reference. Where the grid is coarser than the channel's sampling (a light curve observed nightly
+over three years, on 64 points) it cannot show such periods at all and both numbers are 0.
 
     from pipelines.run.rhythms import sub_nyquist_rms
     table = sub_nyquist_rms(model, ds, records=np.arange(200))   # {modality: {"model", "pchip", "curves"}}
@@ -80,9 +81,12 @@ def _curves(ds: ElementDataset, items: np.ndarray, n_grid: int) -> list[tuple]:
     for k, r in enumerate(items):  # one iteration per record; channels are grouped with numpy below
         s = slice(ds.offsets[r], ds.offsets[r + 1])
         t, ch, v = ds.time[s].astype(np.float64), ds.channel[s], ds.value[s].astype(np.float64)
-        timed = np.isfinite(t) & ~np.isfinite(ds.coord[s])  # spectra are along wavelength, not time
+        coord = ds.coord[s]
+        timed = np.isfinite(t)
         for c in np.unique(ch[timed]):
             m = timed & (ch == c)
+            if len(np.unique(coord[m][np.isfinite(coord[m])])) > 1:
+                continue  # a spectrum (many wavelengths): a curve along wavelength, not time
             tc, first = np.unique(t[m], return_index=True)  # PCHIP needs strictly increasing times
             if len(tc) < MIN_OBSERVATIONS:
                 continue
