@@ -369,3 +369,24 @@ def test_evaluate_flow_and_cli_score_the_val_split(physionet_run, monkeypatch, c
     assert [c["split"] for c in calls] == ["val", "test"]
     with pytest.raises(SystemExit):
         main(["evaluate", store, "--checkpoint", checkpoint, "--out", str(out), "--split", "train"])
+
+
+def test_a_protocol_that_would_score_nothing_is_an_error_with_the_reason(tmp_path, samples):
+    from datasets.ingest import ingest
+    from datasets.store import open_store
+    from pipelines.run.config import load_run
+    from pipelines.run.training import train
+
+    store = str(tmp_path / "plasticc.zarr")
+    ingest("plasticc", str(samples / "plasticc"), store)
+    s = open_store(store)
+    config = RunConfig(model=ModelConfig.preset("tiny"),
+                       train=TrainConfig(steps=2, warmup_steps=1, batch_tokens=1024, eval_every=1000,
+                                         checkpoint_every=1000, precision="fp32", threads=1))
+    model, config = load_run(train(config, s.read(), s.channels, tmp_path / "run"))
+    # the first record of each split only: a single element held out and scored is still something...
+    assert evaluate_protocol(s, model, config, "holdout", max_records=1).n_elements > 0
+    # ...none at all is an error that says why (here: no record of the split is read)
+    with pytest.raises(ValueError, match="'modality:photometry' would score nothing .*no test-split record has "
+                                         "`photometry` and another modality"):
+        evaluate_protocol(s, model, config, "modality:photometry", max_records=0)
