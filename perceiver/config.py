@@ -44,6 +44,9 @@ class InputConfig:
     n_time_freqs: int = 16
     n_coord_freqs: int = 16
     mlp_ratio: float = 1.0
+    #: zero a channel's time Fourier features at periods shorter than its own sampling supports
+    #: (``ChannelSpec.time_min_period``): no structure at periods a lab drawn daily cannot show
+    channel_time_gate: bool = False
 
 
 @dataclass

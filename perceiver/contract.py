@@ -23,7 +23,9 @@ import numpy as np
 class ChannelSpec:
     """One channel of the vocabulary. ``location`` / ``scale`` are in the transformed unit; NaN = unknown
     (a checkpoint written before contracts existed: see :meth:`DataContract.complete`). ``valid_min`` /
-    ``valid_max``: the channel's physical range in ``unit`` (NaN = unbounded)."""
+    ``valid_max``: the channel's physical range in ``unit`` (NaN = unbounded). ``time_min_period``: the
+    shortest period its sampling supports, twice its median gap between observations within a record in the
+    train split (data time units; NaN = unknown)."""
 
     name: str
     modality: str
@@ -34,6 +36,7 @@ class ChannelSpec:
     scale: float = math.nan
     valid_min: float = math.nan
     valid_max: float = math.nan
+    time_min_period: float = math.nan
 
 
 @dataclass
@@ -88,7 +91,7 @@ class DataContract:
     def to_dict(self) -> dict:
         data = asdict(self)
         for c in data["channels"]:  # JSON has no NaN: unknown statistics and absent bounds are null
-            for k in ("location", "scale", "valid_min", "valid_max"):
+            for k in ("location", "scale", "valid_min", "valid_max", "time_min_period"):
                 c[k] = c[k] if math.isfinite(c[k]) else None
         return data
 

@@ -74,6 +74,13 @@ class ElementEncoding(nn.Module):
                     if hidden > 1 else None)
         nn.init.normal_(self.channel.weight, std=0.5)
         nn.init.normal_(self.modality.weight, std=0.5)
+        # per channel, which time frequencies its sampling supports (all where ungated or unknown)
+        periods = 1.0 / self.time_features.inv_period.float()
+        floor = torch.tensor([c.time_min_period if config.input.channel_time_gate else float("nan")
+                              for c in config.contract.channels] or [float("nan")])
+        gate = ~(periods[None, :] < torch.nan_to_num(floor, nan=0.0)[:, None])
+        self.register_buffer("time_gate", gate.float().repeat(1, 2), persistent=False)  # sin and cos columns
+        self.gated = bool(config.input.channel_time_gate)
 
     @property
     def no_time(self) -> torch.Tensor:
@@ -110,6 +117,9 @@ class ElementEncoding(nn.Module):
         ``position``: their :meth:`position_features`, when already computed."""
         if position is None:
             position = self.position_features(time, coord)
+        if self.gated:
+            nt = self.time_features.n_features
+            position = torch.cat([position[:, :nt] * self.time_gate[channel], position[:, nt:]], dim=-1)
         features = torch.cat([position, self.measurement_features(value, error, position)], dim=-1)
         table = self.channel.weight + self.modality.weight[self.channel_modality]
         y = self.proj(features)

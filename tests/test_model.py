@@ -396,3 +396,21 @@ def test_one_visible_element_or_none_of_a_channel_still_gets_a_prediction_and_an
         assert (pred.sigma > 0).all()
     out = model(batch)
     assert torch.isfinite(out.mean).all() and torch.isfinite(out.log_sigma).all()
+
+
+def test_channel_time_gate_removes_periods_a_channels_sampling_cannot_support(data):
+    elements, channels, _ = data
+    contract = fit_contract(elements, channels)
+    assert np.isfinite([c.time_min_period for c in contract.channels if c.modality != "static"]).all()
+    contract.channels[0].time_min_period = 10 * contract.time_max_period  # nothing supported: time-free
+    contract.channels[1].time_min_period = float("nan")  # unknown: ungated
+    model = Percival(ModelConfig.preset("tiny", contract=contract, input={"channel_time_gate": True})).eval()
+    enc = model.encoding
+    assert enc.time_gate[0].sum() == 0 and enc.time_gate[1].sum() == enc.time_gate.shape[1]
+    t, ch, nan = torch.tensor([0.0, 3.7]), torch.tensor([0, 0]), torch.full((2,), float("nan"))
+    with torch.no_grad():
+        gated, free = enc(t, ch, nan), enc(t, ch + 1, nan)
+    torch.testing.assert_close(gated[0], gated[1])  # channel 0's token no longer depends on time
+    assert not torch.allclose(free[0], free[1])
+    ungated = Percival(ModelConfig.preset("tiny", contract=contract)).encoding
+    assert not ungated.gated  # off by default: old checkpoints and presets unchanged

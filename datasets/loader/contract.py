@@ -33,11 +33,28 @@ def modality_names(channels: pd.DataFrame) -> list[str]:
 
 def _positive_gaps(values: np.ndarray, seg: np.ndarray) -> np.ndarray:
     """Differences between consecutive distinct values within each record (values sorted per record)."""
-    order = np.lexsort((values, seg))
-    v, s = values[order], seg[order]
+    return _gaps_by_group(values, seg)[0]
+
+
+def _gaps_by_group(values: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positive differences between consecutive values within each group, and the group of each."""
+    order = np.lexsort((values, group))
+    v, g = values[order], group[order]
     d = np.diff(v)
-    d = d[s[1:] == s[:-1]]
-    return d[d > 0]
+    keep = (g[1:] == g[:-1]) & (d > 0)
+    return d[keep], g[1:][keep]
+
+
+def _channel_min_periods(time: np.ndarray, channel: np.ndarray, seg: np.ndarray, n_channels: int) -> np.ndarray:
+    """Per channel: twice its median gap between distinct observation times within a record (NaN where a
+    channel never has two in one record): the shortest period its sampling supports."""
+    gaps, group = _gaps_by_group(time, seg.astype(np.int64) * n_channels + channel)
+    ch = group % n_channels
+    order = np.argsort(ch, kind="stable")
+    gaps, ch = gaps[order], ch[order]
+    bounds = np.searchsorted(ch, np.arange(n_channels + 1))
+    return np.array([2.0 * np.median(gaps[a:b]) if b > a else np.nan  # one iteration per channel
+                     for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
 
 
 def fit_contract(elements: ElementSet, channels: pd.DataFrame, records: np.ndarray | None = None) -> DataContract:
@@ -60,6 +77,10 @@ def fit_contract(elements: ElementSet, channels: pd.DataFrame, records: np.ndarr
     seg = segment_ids(offsets_from_counts(lengths))
     time = elements.time[idx].astype(np.float64)
     ok = np.isfinite(time)
+    channel = elements.channel[idx].astype(np.int64)
+    for c, period in zip(k.channels, _channel_min_periods(time[ok], channel[ok], seg[ok], k.n_channels),
+                         strict=True):
+        c.time_min_period = float(period)
     if ok.sum() >= 2:
         gaps = _positive_gaps(time[ok], seg[ok])
         tmin = np.full(len(records), np.inf)
