@@ -38,6 +38,13 @@ class ChannelSpec:
     valid_max: float = math.nan
     time_min_period: float = math.nan
 
+    def __post_init__(self):
+        # one NaN object for "unknown": dataclass equality compares fields as tuples (identity first), so two
+        # contracts that agree compare equal however their NaNs were made (a JSON round trip, numpy)
+        for f in ("softening", "location", "scale", "valid_min", "valid_max", "time_min_period"):
+            value = float(getattr(self, f))
+            setattr(self, f, math.nan if math.isnan(value) else value)
+
 
 @dataclass
 class DataContract:

@@ -80,7 +80,7 @@ def fit_contract(elements: ElementSet, channels: pd.DataFrame, records: np.ndarr
     channel = elements.channel[idx].astype(np.int64)
     for c, period in zip(k.channels, _channel_min_periods(time[ok], channel[ok], seg[ok], k.n_channels),
                          strict=True):
-        c.time_min_period = float(period)
+        c.time_min_period = float(period) if np.isfinite(period) else math.nan  # the one NaN (equality)
     if ok.sum() >= 2:
         gaps = _positive_gaps(time[ok], seg[ok])
         tmin = np.full(len(records), np.inf)
