@@ -108,19 +108,27 @@ def interval(z: np.ndarray, sigma_z: np.ndarray, channel: np.ndarray, table, wid
     """The central interval ``z +- width * sigma_z`` of a Gaussian in normalised (transformed) space, mapped back
     to physical units: the 95 % interval by default. Asymmetric where the transform is not linear, and inside
     any range the transform maps onto."""
-    lo = denormalise(np.asarray(z, np.float64) - width * np.asarray(sigma_z, np.float64), sigma_z, channel, table)[0]
-    hi = denormalise(np.asarray(z, np.float64) + width * np.asarray(sigma_z, np.float64), sigma_z, channel, table)[0]
-    return lo, hi
+    kind, soft, loc, scale = _columns(table, channel)
+    z, half = np.asarray(z, np.float64), width * np.asarray(sigma_z, np.float64)
+    return (_inverse(z - half, kind, soft, loc, scale).astype(np.float32),
+            _inverse(z + half, kind, soft, loc, scale).astype(np.float32))
+
+
+def _inverse(z: np.ndarray, kind: np.ndarray, soft: np.ndarray, loc: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``T^-1(z * scale + location)`` per element (float64; beyond float range: +-inf)."""
+    t = np.asarray(z, np.float64) * scale + loc
+    asinh = kind == "asinh"
+    v = t.copy()
+    with np.errstate(over="ignore"):
+        v[asinh] = np.sinh(t[asinh]) * soft[asinh]
+    return v
 
 
 def denormalise(z: np.ndarray, sigma_z: np.ndarray, channel: np.ndarray, table
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Back to physical units: mean ``T^-1(z * scale + location)``, sigma by first-order propagation."""
     kind, soft, loc, scale = _columns(table, channel)
-    t = np.asarray(z, np.float64) * scale + loc
-    asinh = kind == "asinh"
-    v = t.copy()
+    v = _inverse(z, kind, soft, loc, scale)
     with np.errstate(over="ignore", divide="ignore"):  # beyond float range: +-inf (a huge sigma's interval)
-        v[asinh] = np.sinh(t[asinh]) * soft[asinh]
         sigma = np.asarray(sigma_z, np.float64) * scale / derivative(v, kind, soft)
         return v.astype(np.float32), sigma.astype(np.float32)

@@ -112,11 +112,17 @@ def read_config(out_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def read_model_config(out_dir: str | Path) -> ModelConfig:
+    """A checkpoint's model configuration with its data contract, without building the model or reading its
+    weights (old checkpoints migrated)."""
+    return ModelConfig.from_dict(read_config(out_dir)["model"])
+
+
 def load(out_dir: str | Path, device: str | torch.device = "cpu") -> Percival:
     """The trained model (in eval mode) of a checkpoint directory; ``model.config`` is its configuration
     with its data contract. Old checkpoints are migrated (see the module docstring)."""
     out = Path(out_dir)
-    model = Percival(ModelConfig.from_dict(read_config(out)["model"]))
+    model = Percival(read_model_config(out))
     state = load_file(out / WEIGHTS, device="cpu")
     state = {RENAMED_WEIGHTS.get(k, k): v for k, v in state.items()}
     model.load_state_dict(state, strict=True)

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         prefect_env.start_api_early()  # comes up while the command imports its flow
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, OSError) as e:  # bad input (a contract mismatch, a protocol that
+    except (ValueError, OSError) as e:  # bad input (a contract mismatch, a protocol that
         # scores nothing, a missing file): one line that names it, and a non-zero exit
         print(f"percival {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -45,11 +45,11 @@ def plan_task(store: str, checkpoint: str, protocols: list[str]) -> list[str]:
     contract."""
     from datasets.loader import match_channels
     from datasets.store import open_store
-    from perceiver.checkpoint import load
+    from perceiver.checkpoint import read_model_config
     from pipelines.run.protocols import Protocol
 
     s = open_store(store)
-    contract = load(checkpoint).config.contract
+    contract = read_model_config(checkpoint).contract
     match_channels(contract, s.channels, store)  # the model-matches-store check, before any work
     have = contract.modalities
     names = []
@@ -66,10 +66,10 @@ def plan_task(store: str, checkpoint: str, protocols: list[str]) -> list[str]:
 @task(name="channel-means", task_run_name="channel-means", retries=2, retry_delay_seconds=1,
       retry_condition_fn=retry_on_io)
 def channel_means_task(store: str, checkpoint: str) -> list[float]:
-    from perceiver.checkpoint import load
+    from perceiver.checkpoint import read_model_config
     from pipelines.run.evaluation import train_channel_means
 
-    return train_channel_means(store, load(checkpoint).config.contract).tolist()
+    return train_channel_means(store, read_model_config(checkpoint).contract).tolist()
 
 
 @task(retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io, task_run_name="evaluate-{protocol}")

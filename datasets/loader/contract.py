@@ -9,6 +9,7 @@ unit or modality changed; a store's extra channels are ignored (with a warning t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -78,9 +79,8 @@ def fit_contract(elements: ElementSet, channels: pd.DataFrame, records: np.ndarr
     time = elements.time[idx].astype(np.float64)
     ok = np.isfinite(time)
     channel = elements.channel[idx].astype(np.int64)
-    for c, period in zip(k.channels, _channel_min_periods(time[ok], channel[ok], seg[ok], k.n_channels),
-                         strict=True):
-        c.time_min_period = float(period) if np.isfinite(period) else math.nan  # the one NaN (equality)
+    periods = _channel_min_periods(time[ok], channel[ok], seg[ok], k.n_channels)
+    k.channels = [dataclasses.replace(c, time_min_period=float(p)) for c, p in zip(k.channels, periods, strict=True)]
     if ok.sum() >= 2:
         gaps = _positive_gaps(time[ok], seg[ok])
         tmin = np.full(len(records), np.inf)
