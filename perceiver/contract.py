@@ -5,9 +5,9 @@ written into the checkpoint's ``config.json``. Inference, evaluation and serving
 with the checkpoint's copy, never with a store's current statistics: ingesting more files into a store changes
 the store's statistics, not what an old model sees.
 
-Per channel (:class:`ChannelSpec`): its name, modality and unit, and its normalisation ``z = (T(v) -
-location) / scale`` with ``T`` the channel's ``transform`` (``identity`` or ``asinh(v / softening)``;
-:mod:`datasets.normalise`). For the record: the time and coord (wavelength) scales of the Fourier features, and
+Per channel (:class:`ChannelSpec`): its name, modality and unit, its valid range, and its normalisation
+``z = (T(v) - location) / scale`` with ``T`` the channel's bounded ``transform`` (``identity`` or
+``asinh(v / softening)`` after the map of its valid range onto the real line; :mod:`datasets.normalise`). For the record: the time and coord (wavelength) scales of the Fourier features, and
 the store format the contract was fitted on.
 """
 
@@ -25,7 +25,9 @@ class ChannelSpec:
     (a checkpoint written before contracts existed: see :meth:`DataContract.complete`). ``valid_min`` /
     ``valid_max``: the channel's physical range in ``unit`` (NaN = unbounded). ``time_min_period``: the
     shortest period its sampling supports, twice its median gap between observations within a record in the
-    train split (data time units; NaN = unknown)."""
+    train split (data time units; NaN = unknown). ``bound_width``: how close to a bound the normalising
+    transform turns logarithmic (:mod:`datasets.normalise`; NaN = the bounds are not used, as in checkpoints
+    written before they were)."""
 
     name: str
     modality: str
@@ -37,11 +39,12 @@ class ChannelSpec:
     valid_min: float = math.nan
     valid_max: float = math.nan
     time_min_period: float = math.nan
+    bound_width: float = math.nan
 
     def __post_init__(self):
         # one NaN object for "unknown": dataclass equality compares fields as tuples (identity first), so two
         # contracts that agree compare equal however their NaNs were made (a JSON round trip, numpy)
-        for f in ("softening", "location", "scale", "valid_min", "valid_max", "time_min_period"):
+        for f in ("softening", "location", "scale", "valid_min", "valid_max", "time_min_period", "bound_width"):
             value = float(getattr(self, f))
             setattr(self, f, math.nan if math.isnan(value) else value)
 
@@ -89,16 +92,16 @@ class DataContract:
 
     def table(self) -> dict[str, np.ndarray]:
         """Per-channel arrays (``name``, ``modality``, ``unit``, ``transform``, ``softening``, ``location``,
-        ``scale``) in channel order: what :func:`datasets.normalise.normalise` reads."""
-        cols = ("name", "modality", "unit", "transform", "softening", "location", "scale", "valid_min", "valid_max")
-        numeric = ("softening", "location", "scale", "valid_min", "valid_max")
+        ``scale``, ``valid_min``, ``valid_max``, ``bound_width``) in channel order: what :func:`datasets.normalise.normalise` reads."""
+        numeric = ("softening", "location", "scale", "valid_min", "valid_max", "bound_width")
+        cols = ("name", "modality", "unit", "transform", *numeric)
         return {k: np.asarray([getattr(c, k) for c in self.channels], dtype=np.float64 if k in numeric else object)
                 for k in cols}
 
     def to_dict(self) -> dict:
         data = asdict(self)
         for c in data["channels"]:  # JSON has no NaN: unknown statistics and absent bounds are null
-            for k in ("location", "scale", "valid_min", "valid_max", "time_min_period"):
+            for k in ("location", "scale", "valid_min", "valid_max", "time_min_period", "bound_width"):
                 c[k] = c[k] if math.isfinite(c[k]) else None
         return data
 

@@ -116,7 +116,8 @@ def _spec(row: pd.Series, name: str | None = None, modality: str | None = None) 
     """A contract channel from a row of a store's channel table (absent optional columns: their defaults)."""
     return ChannelSpec(name or str(row["name"]), modality or str(row["modality"]), str(row.get("unit", "")),
                        str(row["transform"]), float(row["softening"]), float(row["location"]), float(row["scale"]),
-                       float(row.get("valid_min", math.nan)), float(row.get("valid_max", math.nan)))
+                       float(row.get("valid_min", math.nan)), float(row.get("valid_max", math.nan)),
+                       bound_width=float(row.get("bound_width", math.nan)))
 
 
 def complete_from_store(contract: DataContract, channels: pd.DataFrame, where: str = "the store") -> DataContract:
@@ -131,7 +132,8 @@ def complete_from_store(contract: DataContract, channels: pd.DataFrame, where: s
     for c in contract.channels:
         if c.name not in table.index:
             raise ContractError(f"{where}: has no channel {c.name!r}, which the model was trained on")
-        done.append(_spec(table.loc[c.name], c.name, c.modality))
+        # such a model was trained before bounded transforms: the store's bounds must not reshape its inputs
+        done.append(dataclasses.replace(_spec(table.loc[c.name], c.name, c.modality), bound_width=math.nan))
     out = DataContract(**{**contract.__dict__, "channels": done})
     return out
 

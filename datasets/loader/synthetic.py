@@ -88,5 +88,5 @@ def synthetic_elements(n_records: int = 64, seed: int = 0, lengths: np.ndarray |
     if not train.any():
         train[:] = True
     stats = channel_statistics(elements.channel, elements.value, elements.error, CHANNELS, train)
-    channels = pd.concat([CHANNELS, stats[["softening", "location", "scale"]]], axis=1)
+    channels = pd.concat([CHANNELS, stats[["softening", "bound_width", "location", "scale"]]], axis=1)
     return elements, channels

@@ -6,7 +6,8 @@ One Zarr v3 group, CF-1.11 contiguous ragged array:
 - ``record``: ``record_id``, ``row_size`` (``sample_dimension = "element"``), ``split``, ``source_file``,
   ``t0`` and the source's labels;
 - ``channel``: the channel table, ``channel_name``, ``modality``, ``unit``, ``channel_coord``,
-  ``transform``, ``softening``, ``location``, ``scale``, ``train_count``;
+  ``transform``, ``softening``, ``location``, ``scale``, ``train_count``, ``valid_min``, ``valid_max``,
+  ``bound_width`` (:mod:`datasets.normalise`);
 - ``quarantine``: ``quarantine_source_file``, ``quarantine_row``, ``quarantine_record_id``,
   ``quarantine_field``, ``quarantine_reason``, ``quarantine_elements``;
 - ``ingested_unit``: ``unit_name``, ``unit_fingerprint`` (what has been ingested, for idempotent re-runs).
@@ -37,9 +38,10 @@ CHANNEL_COLUMNS = {  # channel table column -> (store array name, dtype)
     "softening": ("softening", np.float64), "location": ("location", np.float64),
     "scale": ("scale", np.float64), "count": ("train_count", np.int64),
     "valid_min": ("valid_min", np.float64), "valid_max": ("valid_max", np.float64),
+    "bound_width": ("bound_width", np.float64),
 }
 #: channel-table columns added after stores were first written: absent arrays read as these values
-LATER_CHANNEL_COLUMNS = {"valid_min": np.nan, "valid_max": np.nan}
+LATER_CHANNEL_COLUMNS = {"valid_min": np.nan, "valid_max": np.nan, "bound_width": np.nan}
 QUARANTINE_DTYPES = {"source_file": str, "row": np.int64, "record_id": str, "field": str, "reason": str,
                      "elements": np.int64}
 UNIT_ARRAYS = {"unit_name": str, "unit_fingerprint": str}

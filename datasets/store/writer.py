@@ -114,7 +114,7 @@ class StoreWriter:
             train = np.repeat(train_record, row_size)
             stats = channel_statistics(self.group["channel"][:n_el], self.group["value"][:n_el],
                                        self.group["error"][:n_el], table, train)
-            for col in ("transform", "softening", "location", "scale", "count"):
+            for col in ("transform", "softening", "bound_width", "location", "scale", "count"):
                 name, dtype = CHANNEL_COLUMNS[col]
                 data = stats[col].to_numpy()
                 self.group[name][:] = data.astype(object) if dtype is str else data.astype(dtype)
@@ -205,7 +205,8 @@ class StoreWriter:
                     "unit": [c.unit for c in new], "coord": [c.coord for c in new],
                     "transform": [c.transform for c in new], "softening": np.ones(len(new)),
                     "location": np.zeros(len(new)), "scale": np.ones(len(new)), "count": np.zeros(len(new)),
-                    "valid_min": [c.valid_min for c in new], "valid_max": [c.valid_max for c in new]}
+                    "valid_min": [c.valid_min for c in new], "valid_max": [c.valid_max for c in new],
+                    "bound_width": np.full(len(new), np.nan)}
             self.out.append("channel", {name: np.asarray(cols[col], dtype=object if dt is str else dt)
                                          for col, (name, dt) in CHANNEL_COLUMNS.items()})
 
@@ -222,7 +223,7 @@ class StoreWriter:
             self._array(name, dtype, "channel", {"long_name": f"channel {col}"})
             self.group[name].resize((n,))
             if n:
-                self.group[name][:] = np.array([getattr(by_name[x], col) if x in by_name else default
+                self.group[name][:] = np.array([getattr(by_name[x], col, default) if x in by_name else default
                                                 for x in names], dtype=dtype)
 
     def _channel_map(self, channels: list[Channel]) -> np.ndarray:
