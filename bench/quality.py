@@ -49,6 +49,32 @@ def dataset_settings(name: str, steps: list[str], sets: list[str]) -> tuple[int,
     return n, scoped(sets, name)
 
 
+def outside_valid_range(store_url: str, checkpoint: str, split: str, n_times: int = 64) -> dict:
+    """Reconstruct every record of ``split`` (all elements visible, a grid of ``n_times`` per timed channel)
+    and count means and 95 % bounds outside their channel's declared valid range."""
+    import numpy as np
+
+    from datasets.store import open_store
+    from pipelines.run.config import load_run
+    from pipelines.run.reconstruction import GridSpec, reconstruct
+
+    store = open_store(store_url)
+    model, _ = load_run(checkpoint)
+    ids = store.records["record_id"][store.records["split"] == split].astype(str).tolist()
+    elements = store.select(ids)
+    rec = reconstruct(model, elements, store.channels, GridSpec(n_times=n_times), folds=0)
+    lo, hi = (store.channels[k].to_numpy(np.float64) for k in ("valid_min", "valid_max"))
+    out = {"records": len(ids)}
+    keys = ("mean", "lower95", "upper95")
+    for where, codes, arrays in (("elements", elements.channel, {k: getattr(rec, k) for k in keys}),
+                                 ("grid", rec.grid["channel"], rec.grid)):
+        codes = np.asarray(codes, np.int64)
+        low, high = np.nan_to_num(lo[codes], nan=-np.inf), np.nan_to_num(hi[codes], nan=np.inf)
+        out[where] = {"n": len(codes), "bounded": int((np.isfinite(lo[codes]) | np.isfinite(hi[codes])).sum()),
+                      **{k: int(((arrays[k] < low) | (arrays[k] > high)).sum()) for k in keys}}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
@@ -104,6 +130,10 @@ def main() -> int:
                 "model_mse_vs": {k: (model_mse / v["mse"] if model_mse is not None and v.get("mse") else None)
                                  for k, v in overall.items() if k != "model"},
                 "evidence": p.get("evidence", {})}
+        res["sub_nyquist_rms"] = doc.get("sub_nyquist_rms", {})
+        t0 = time.perf_counter()
+        res["outside_valid_range"] = outside_valid_range(store, str(d / "model"), args.split)
+        res["outside_valid_range"]["seconds"] = round(time.perf_counter() - t0, 1)
         results["datasets"][name] = res
         print(f"\n== {name}: {json.dumps(res['protocols'], indent=1, default=str)[:4000]}\n"
               f"   tables: {ev['markdown']}", flush=True)

@@ -7,8 +7,9 @@ the store's statistics, not what an old model sees.
 
 Per channel (:class:`ChannelSpec`): its name, modality and unit, its valid range, and its normalisation
 ``z = (T(v) - location) / scale`` with ``T`` the channel's bounded ``transform`` (``identity`` or
-``asinh(v / softening)`` after the map of its valid range onto the real line; :mod:`datasets.normalise`). For the record: the time and coord (wavelength) scales of the Fourier features, and
-the store format the contract was fitted on.
+``asinh(v / softening)`` after the map of its valid range onto the real line; :mod:`datasets.normalise`).
+For the record: the time and coord (wavelength) scales of the Fourier features, and the store format the
+contract was fitted on.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ class DataContract:
 
     def table(self) -> dict[str, np.ndarray]:
         """Per-channel arrays (``name``, ``modality``, ``unit``, ``transform``, ``softening``, ``location``,
-        ``scale``, ``valid_min``, ``valid_max``, ``bound_width``) in channel order: what :func:`datasets.normalise.normalise` reads."""
+        ``scale``, ``valid_min``, ``valid_max``, ``bound_width``) in channel order: what
+        :func:`datasets.normalise.normalise` reads."""
         numeric = ("softening", "location", "scale", "valid_min", "valid_max", "bound_width")
         cols = ("name", "modality", "unit", "transform", *numeric)
         return {k: np.asarray([getattr(c, k) for c in self.channels], dtype=np.float64 if k in numeric else object)

@@ -46,16 +46,29 @@ def _gaps_by_group(values: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, n
     return d[keep], g[1:][keep]
 
 
+def group_median(values: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """The median of ``values`` per group ``0 .. n_groups - 1`` (NaN for an empty group), vectorised."""
+    order = np.lexsort((values, group))
+    v = np.asarray(values, np.float64)[order]
+    counts = np.bincount(np.asarray(group, np.int64), minlength=n_groups)
+    starts = np.cumsum(counts) - counts
+    out = np.full(n_groups, np.nan)
+    ok = counts > 0
+    out[ok] = 0.5 * (v[(starts + (counts - 1) // 2)[ok]] + v[(starts + counts // 2)[ok]])
+    return out
+
+
+def median_gaps(time: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """Per group: the median gap between its consecutive distinct times (NaN with fewer than two)."""
+    gaps, g = _gaps_by_group(time, group)
+    return group_median(gaps, g, n_groups)
+
+
 def _channel_min_periods(time: np.ndarray, channel: np.ndarray, seg: np.ndarray, n_channels: int) -> np.ndarray:
     """Per channel: twice its median gap between distinct observation times within a record (NaN where a
     channel never has two in one record): the shortest period its sampling supports."""
     gaps, group = _gaps_by_group(time, seg.astype(np.int64) * n_channels + channel)
-    ch = group % n_channels
-    order = np.argsort(ch, kind="stable")
-    gaps, ch = gaps[order], ch[order]
-    bounds = np.searchsorted(ch, np.arange(n_channels + 1))
-    return np.array([2.0 * np.median(gaps[a:b]) if b > a else np.nan  # one iteration per channel
-                     for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    return 2.0 * group_median(gaps, group % n_channels, n_channels)
 
 
 def fit_contract(elements: ElementSet, channels: pd.DataFrame, records: np.ndarray | None = None) -> DataContract:

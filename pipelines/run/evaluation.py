@@ -23,7 +23,8 @@ each one sees is written into the result, :attr:`ProtocolResult.evidence`):
 Scoring is in normalised units (``z = (T(v) - location) / scale``, :mod:`datasets.normalise`) with the
 formulas of :class:`perceiver.Metrics`: MSE and MAE of the mean, Gaussian NLL of
 ``N(mu, sigma^2 + e^2)`` (``e`` the normalised measurement error, unknown = 0) and the fraction of hidden
-elements inside its 68.27 % / 95.45 % central intervals, per channel, per modality and overall.
+elements inside its 68.27 % / 95 % central intervals (the 95 % one is a reconstruction's ``lower95`` / ``upper95``),
+per channel, per modality and overall.
 
 The baselines have no uncertainty of their own. Each gets one constant ``sigma`` per channel, fitted by
 maximum likelihood on hidden elements of another split than the one scored (same protocol and seed;

@@ -16,7 +16,9 @@ For a chunk of records (an :class:`~datasets.format.ElementSet` with its channel
 - per record, the reconstruction on a *grid*: ``GridSpec.n_times`` times evenly spaced over the record's
   observed time span for each channel the record has timed elements of, and, for channels whose elements
   span wavelengths (spectra), ``GridSpec.n_coords`` wavelengths over the observed range at the record's
-  median time of that channel.
+  median time of that channel. Time curves are band-limited at the channel's own Nyquist period in the record
+  (:func:`pipelines.run.rhythms.band_limit`; ``GridSpec.band_limit``), so that they show no rhythm the channel's
+  sampling cannot support.
 
 Choosing k: each out-of-sample prediction sees (k-1)/k of its record, so more folds give a context closer to
 the in-sample one (sharper predictions, a smaller sigma, more sensitive scores) at the price of k encoder
@@ -45,10 +47,12 @@ import torch
 
 from datasets.format import ElementSet
 from datasets.loader import ElementDataset, token_batches
+from datasets.loader.contract import median_gaps
 from datasets.normalise import denormalise, interval
 from perceiver.model import Percival
 from perceiver.packing import offsets_from_counts, ranges, segment_ids
 from pipelines.run.inference import Queries, predict, predict_hidden
+from pipelines.run.rhythms import band_limit
 
 #: out-of-sample folds per record by default (see the module docstring for the choice)
 DEFAULT_FOLDS = 5
@@ -64,6 +68,8 @@ class GridSpec:
     n_coords: int = 0
     #: channel names to grid (default: every channel the record has timed elements of)
     channels: list[str] | None = None
+    #: smooth each time curve at its channel's Nyquist period in the record (:func:`pipelines.run.rhythms.band_limit`)
+    band_limit: bool = True
 
 
 @dataclass
@@ -146,9 +152,11 @@ def _out_of_sample(model: Percival, ds: ElementDataset, batches: list[np.ndarray
 
 
 def _grid_queries(ds: ElementDataset, items: np.ndarray, spec: GridSpec, allowed: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Grid queries of the records ``items`` of ``ds`` (vectorised over records and channels): absolute time,
-    channel, coord, and the number of queries per record."""
+    channel, coord, the number of queries per record, whether each query is on a time curve (those come in
+    blocks of ``spec.n_times``, in order), and per time curve its channel's Nyquist period in the record (twice
+    its median gap; the contract's ``time_min_period`` where the record has fewer than two of its times)."""
     idx = ranges(ds.offsets[items], ds.lengths[items])
     rec = segment_ids(offsets_from_counts(ds.lengths[items]))
     t = ds.time[idx].astype(np.float64) + ds.t_ref[items][rec]
@@ -163,12 +171,18 @@ def _grid_queries(ds: ElementDataset, items: np.ndarray, spec: GridSpec, allowed
         tmax = np.full(len(items), -np.inf)
         np.minimum.at(tmin, rec[r], t[r])
         np.maximum.at(tmax, rec[r], t[r])
-        pairs, first = np.unique(rec[r] * n_ch + ch[r], return_index=True)
+        pairs, first, curve = np.unique(rec[r] * n_ch + ch[r], return_index=True, return_inverse=True)
         pr, pc = pairs // n_ch, pairs % n_ch
         frac = np.linspace(0.0, 1.0, spec.n_times)
         parts.append((np.repeat(pr, spec.n_times),
                       (tmin[pr][:, None] + (tmax - tmin)[pr][:, None] * frac).ravel(),
-                      np.repeat(pc, spec.n_times), np.repeat(co[r][first], spec.n_times)))  # the band's coord
+                      np.repeat(pc, spec.n_times), np.repeat(co[r][first], spec.n_times),  # the band's coord
+                      np.ones(len(pr) * spec.n_times, bool)))
+        nyquist = 2.0 * median_gaps(t[r], curve, len(pairs))
+        fallback = np.array([c.time_min_period for c in ds.contract.channels])[pc]
+        nyquist = np.where(np.isfinite(nyquist), nyquist, fallback)
+    else:
+        nyquist = np.zeros(0)
 
     spectral = np.isfinite(co) & allowed[ch]
     if spec.n_coords > 0 and spectral.any():
@@ -185,14 +199,16 @@ def _grid_queries(ds: ElementDataset, items: np.ndarray, spec: GridSpec, allowed
         pr, pc = pairs[keep] // n_ch, pairs[keep] % n_ch
         frac = np.linspace(0.0, 1.0, spec.n_coords)
         parts.append((np.repeat(pr, spec.n_coords), np.repeat(tmean[keep], spec.n_coords), np.repeat(pc, spec.n_coords),
-                      (cmin[keep][:, None] + (cmax - cmin)[keep][:, None] * frac).ravel()))
+                      (cmin[keep][:, None] + (cmax - cmin)[keep][:, None] * frac).ravel(),
+                      np.zeros(len(pr) * spec.n_coords, bool)))
 
     if not parts:
-        return np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(len(items), np.int64)
-    r, t, c, co = (np.concatenate(x) for x in zip(*parts, strict=True))
-    order = np.argsort(r, kind="stable")
+        return (np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(len(items), np.int64),
+                np.zeros(0, bool), nyquist)
+    r, t, c, co, on_curve = (np.concatenate(x) for x in zip(*parts, strict=True))
+    order = np.argsort(r, kind="stable")  # keeps each record's time curves in pair order, as ``nyquist``
     return (t[order], c[order].astype(np.int64), co[order].astype(np.float32),
-            np.bincount(r, minlength=len(items)).astype(np.int64))
+            np.bincount(r, minlength=len(items)).astype(np.int64), on_curve[order], nyquist)
 
 
 def reconstruct(model: Percival, elements: ElementSet, channels: pd.DataFrame, grid: GridSpec | None = None,
@@ -227,12 +243,17 @@ def reconstruct(model: Percival, elements: ElementSet, channels: pd.DataFrame, g
         pos = ranges(ds.offsets[items], ds.lengths[items])
         mean_n[pos], sigma_n[pos] = pred.mean.numpy(), pred.sigma.numpy()
         if grid.n_times > 0 or grid.n_coords > 0:
-            t, c, co, counts = _grid_queries(ds, items, grid, allowed)
+            t, c, co, counts, on_curve, nyquist = _grid_queries(ds, items, grid, allowed)
             g = predict(model, batch, Queries.from_arrays(t, c, co, counts), dtype=dtype)
+            g_mean, g_sigma = g.mean.numpy(), g.sigma.numpy()
+            if grid.band_limit and on_curve.any():
+                dt = np.diff(t[on_curve].reshape(-1, grid.n_times)[:, :2], axis=1)[:, 0] if grid.n_times > 1 else 0
+                for x in (g_mean, g_sigma):
+                    x[on_curve] = band_limit(x[on_curve].reshape(-1, grid.n_times), dt, nyquist).ravel()
             bounds = np.concatenate([[0], np.cumsum(counts)])
             for k, i in enumerate(items):
                 s = slice(bounds[k], bounds[k + 1])
-                grid_parts[int(i)] = (t[s], c[s], co[s], g.mean.numpy()[s], g.sigma.numpy()[s])
+                grid_parts[int(i)] = (t[s], c[s], co[s], g_mean[s], g_sigma[s])
     def aligned(x: np.ndarray, fill=np.nan) -> np.ndarray:
         """Per dataset element -> per input element (``fill`` for elements of channels outside the contract)."""
         if n_el == elements.n_elements:

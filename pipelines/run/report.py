@@ -107,8 +107,11 @@ def rhythms_markdown(table: dict[str, dict], n_records: int) -> str:
            "least 3 observations, 64 grid times between the channel's first and last observation. RMS "
            "(normalised units) of the curve's content at periods shorter than twice the channel's median gap "
            "in the record (what its sampling cannot support), after removing the line through the curve's "
-           "end points; PCHIP through the same observations is the reference (≤ 1.0× is the aim).", "",
-           "| modality | curves | model | PCHIP | model / PCHIP |", "|---|---:|---:|---:|---:|"]
-    out += [f"| {m} | {r['curves']:,} | {_fmt(r['model'])} | {_fmt(r['pchip'])} | {_fmt(r['model_vs_pchip'])} |"
-            for m, r in table.items()]
+           "end points; PCHIP through the same observations is the reference (≤ 1.0× is the aim). *model*: "
+           "the curve as `reconstruct` writes it (band-limited at the channel's Nyquist period); *decoder*: "
+           "the decoder's curve before that.", "",
+           "| modality | curves | model | decoder | PCHIP | model / PCHIP | decoder / PCHIP |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    out += [f"| {m} | {r['curves']:,} | {_fmt(r['model'])} | {_fmt(r.get('model_raw'))} | {_fmt(r['pchip'])} | "
+            f"{_fmt(r['model_vs_pchip'])} | {_fmt(r.get('model_raw_vs_pchip'))} |" for m, r in table.items()]
     return "\n".join(out) + "\n"
