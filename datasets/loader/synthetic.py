@@ -90,3 +90,50 @@ def synthetic_elements(n_records: int = 64, seed: int = 0, lengths: np.ndarray |
     stats = channel_statistics(elements.channel, elements.value, elements.error, CHANNELS, train)
     channels = pd.concat([CHANNELS, stats[["softening", "bound_width", "location", "scale"]]], axis=1)
     return elements, channels
+
+
+SMOOTH_CHANNELS = pd.DataFrame({
+    "name": ["vital", "lab"], "modality": ["vitals", "labs"], "unit": ["1", "1"], "coord": [math.nan, math.nan],
+    "transform": ["identity", "identity"]})
+
+
+def smooth_curve(t: np.ndarray, centres: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> np.ndarray:
+    """A smooth aperiodic curve: a sum of Gaussian bumps (``centres`` / ``widths`` / ``heights``: (k,))."""
+    return (heights * np.exp(-0.5 * ((np.asarray(t)[:, None] - centres) / widths) ** 2)).sum(1)
+
+
+def smooth_aperiodic_elements(n_records: int = 96, seed: int = 0, span: float = 96.0, lab_gap: tuple = (8.0, 16.0),
+                              noise: float = 0.05) -> tuple[ElementSet, pd.DataFrame, dict]:
+    """Records whose two channels follow one smooth aperiodic curve per record (three Gaussian bumps of 12-36 h
+    width over ``span`` hours): ``vital`` observed about hourly (exponential gaps), ``lab`` = 1.5 x the curve
+    observed every ``lab_gap`` hours (uniform, irregular). Returns the elements, the channel table (with
+    train-split statistics) and each record's bump parameters (``centres``, ``widths``, ``heights``:
+    (n_records, 3)) to evaluate the true curve with :func:`smooth_curve`."""
+    rng = np.random.default_rng(seed)
+    truth = {"centres": rng.uniform(0, span, (n_records, 3)), "widths": rng.uniform(12, 36, (n_records, 3)),
+             "heights": rng.normal(0, 1, (n_records, 3))}
+    parts = []
+    for r in range(n_records):  # one iteration per record; its elements are built with numpy
+        bumps = [truth[k][r] for k in ("centres", "widths", "heights")]
+        tv = np.cumsum(rng.exponential(1.0, int(span * 1.5)))
+        tl = rng.uniform(0, lab_gap[0]) + np.cumsum(rng.uniform(*lab_gap, int(span / lab_gap[0]) + 1))
+        tv, tl = tv[tv < span], tl[tl < span]
+        t = np.concatenate([tv, tl])
+        ch = np.concatenate([np.zeros(len(tv)), np.ones(len(tl))]).astype(np.int16)
+        value = smooth_curve(t, *bumps) * np.where(ch == 1, 1.5, 1.0) + noise * rng.standard_normal(len(t))
+        order = np.lexsort((ch, t))
+        parts.append((t[order], ch[order], value[order]))
+    lengths = np.array([len(p[0]) for p in parts])
+    u = rng.random(n_records)
+    names = np.where(u < 0.7, "train", np.where(u < 0.85, "val", "test"))
+    records = pd.DataFrame({"record_id": [f"smooth{seed}-{i:04d}" for i in range(n_records)],
+                            "source_file": "synthetic", "split": names, "t0": 0.0})
+    t, ch, value = (np.concatenate(x) for x in zip(*parts, strict=True))
+    elements = ElementSet(records=records, row_size=lengths, time=t.astype(ELEMENT_DTYPES["time"]),
+                          channel=ch.astype(ELEMENT_DTYPES["channel"]), value=value.astype(ELEMENT_DTYPES["value"]),
+                          error=np.full(len(t), np.nan, ELEMENT_DTYPES["error"]),
+                          coord=np.full(len(t), np.nan, ELEMENT_DTYPES["coord"]))
+    train = np.repeat(names == "train", lengths)
+    stats = channel_statistics(elements.channel, elements.value, elements.error, SMOOTH_CHANNELS, train)
+    channels = pd.concat([SMOOTH_CHANNELS, stats[["softening", "bound_width", "location", "scale"]]], axis=1)
+    return elements, channels, truth
