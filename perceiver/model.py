@@ -184,7 +184,7 @@ class Percival(nn.Module):
     def loss(self, batch: PackedBatch, output: ModelOutput) -> torch.Tensor:
         """The head's training loss on the target elements of ``batch``."""
         t = batch.target
-        return self.head.loss(output.head, batch.value[t], batch.error[t])
+        return self.head.loss(output.head, batch.value[t], batch.error[t], output.target_offsets)
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -28,15 +28,17 @@ from perceiver.packing import PackedBatch, offsets_from_counts, segment_ids_tens
 @dataclass
 class Queries:
     """Packed query elements: ``offsets`` (B+1), absolute ``time`` (float64, data units; NaN = static),
-    ``channel`` (int64) and ``coord`` (float32; NaN = none)."""
+    ``channel`` (int64) and ``coord`` (float32; NaN = none); ``error``: the normalised measurement error of
+    the observation a query stands for (float32, NaN = unknown; None = none known), which samples include."""
 
     offsets: torch.Tensor
     time: torch.Tensor
     channel: torch.Tensor
     coord: torch.Tensor
+    error: torch.Tensor | None = None
 
     @classmethod
-    def from_arrays(cls, time, channel, coord, counts) -> Queries:
+    def from_arrays(cls, time, channel, coord, counts, error=None) -> Queries:
         """Queries from flat arrays and the number of queries per record (in batch order)."""
         counts = np.asarray(counts, np.int64)
         n = int(counts.sum())
@@ -44,28 +46,34 @@ class Queries:
         channel = np.broadcast_to(np.asarray(channel, np.int64), (n,))
         coord = np.broadcast_to(np.asarray(coord, np.float32), (n,))
         offsets = offsets_from_counts(counts)
+        err = None if error is None else torch.from_numpy(np.broadcast_to(np.asarray(error, np.float32), (n,)).copy())
         return cls(torch.from_numpy(offsets), torch.from_numpy(time.copy()), torch.from_numpy(channel.copy()),
-                   torch.from_numpy(coord.copy()))
+                   torch.from_numpy(coord.copy()), err)
 
 
 @dataclass
 class Prediction:
     """Per query: ``mean`` and ``sigma`` (normalised units, float32); per record: ``latent`` (B, d_latent) and
-    the query ``offsets`` (B+1)."""
+    the query ``offsets`` (B+1); ``samples`` (K, N): draws of the queries' observations when asked for (joint
+    over a record's queries where the head models that; :meth:`perceiver.heads.OutputHead.sample`)."""
 
     mean: torch.Tensor
     sigma: torch.Tensor
     latent: torch.Tensor
     offsets: torch.Tensor
+    samples: torch.Tensor | None = None
 
 
 @torch.no_grad()
 def predict(model: Percival, batch: PackedBatch, queries: Queries | None = None,
-            dtype: torch.dtype | None = None) -> Prediction:
+            dtype: torch.dtype | None = None, n_samples: int = 0, seed: int = 0) -> Prediction:
     """Encode the visible elements of ``batch`` and predict ``queries`` (default: every element of the batch).
 
     ``dtype`` = ``torch.bfloat16`` runs under autocast (faster on GPUs and AMX/AVX512-BF16 CPUs).
+    ``n_samples`` > 0 also draws that many samples per query (seeded by ``seed``).
     """
+    if n_samples < 0:
+        raise ValueError(f"n_samples must be >= 0, got {n_samples}")
     model.eval()
     device = next(model.parameters()).device
     batch = batch.to(device)
@@ -79,8 +87,9 @@ def predict(model: Percival, batch: PackedBatch, queries: Queries | None = None,
         encoded = model.encode(batch.time[vis], batch.channel[vis], batch.coord[vis],
                                batch.value[vis], batch.error[vis], vis_offsets, position[vis])
         if queries is None:
-            time, channel, coord, offsets = batch.time, batch.channel, batch.coord, batch.offsets
+            time, channel, coord, offsets, error = batch.time, batch.channel, batch.coord, batch.offsets, batch.error
         else:
+            error = None if queries.error is None else queries.error.to(device)
             if len(queries.offsets) != len(batch.offsets):
                 raise ValueError("queries must have one group per record of the batch")
             offsets, position = queries.offsets, None
@@ -90,4 +99,9 @@ def predict(model: Percival, batch: PackedBatch, queries: Queries | None = None,
         if len(channel) and (int(channel.min()) < 0 or int(channel.max()) >= model.config.n_channels):
             raise ValueError("query channel outside the model's channel table")
         out = model.decode(encoded, time, channel, coord, offsets, position)
-    return Prediction(out.mean.float(), torch.exp(out.log_sigma.float()), encoded.latents.float().mean(1), offsets)
+        samples = None
+        if n_samples:
+            generator = torch.Generator(device).manual_seed(seed)
+            samples = model.head.sample(out, offsets.to(device), n_samples, error, generator).float()
+    return Prediction(out.mean.float(), torch.exp(out.log_sigma.float()), encoded.latents.float().mean(1), offsets,
+                      samples)

@@ -175,7 +175,8 @@ class MedianHead(OutputHead):
         mean = self.proj(h).float()[:, 0]
         return HeadOutput(mean, torch.full_like(mean, self.log_scale))
 
-    def loss(self, output: HeadOutput, value: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+    def loss(self, output: HeadOutput, value: torch.Tensor, error: torch.Tensor, offsets: torch.Tensor
+             ) -> torch.Tensor:
         return (output.mean - value.float()).abs().mean()
 
 

@@ -8,6 +8,7 @@ A head is an ``nn.Module`` subclass of :class:`~perceiver.heads.base.OutputHead`
 from __future__ import annotations
 
 from perceiver.heads.base import HeadOutput, OutputHead
+from perceiver.heads.flow import FlowMatchingHead
 from perceiver.heads.gaussian import GaussianHead
 
 #: name -> head class
@@ -31,5 +32,6 @@ def build_head(config, d_query: int) -> OutputHead:
 
 
 register_head("gaussian", GaussianHead)
+register_head("diffusion", FlowMatchingHead)
 
-__all__ = ["HEADS", "GaussianHead", "HeadOutput", "OutputHead", "build_head", "register_head"]
+__all__ = ["HEADS", "FlowMatchingHead", "GaussianHead", "HeadOutput", "OutputHead", "build_head", "register_head"]

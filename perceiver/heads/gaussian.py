@@ -17,15 +17,11 @@ import math
 import torch
 from torch import nn
 
-from perceiver.heads.base import HeadOutput, OutputHead
+from perceiver.heads.base import HeadOutput, OutputHead, predictive_variance
 
 LOG_2PI = math.log(2 * math.pi)
 
-
-def predictive_variance(log_sigma: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
-    """``sigma^2 + e^2`` with unknown (NaN) measurement errors counted as 0."""
-    e = torch.nan_to_num(error.float(), nan=0.0)
-    return torch.exp(2 * log_sigma.float()) + e * e
+__all__ = ["GaussianHead", "gaussian_nll", "predictive_variance"]
 
 
 def gaussian_nll(mean: torch.Tensor, log_sigma: torch.Tensor, value: torch.Tensor, error: torch.Tensor
@@ -50,7 +46,8 @@ class GaussianHead(OutputHead):
         log_sigma = torch.logaddexp(out[:, 1], torch.tensor(self.log_min_sigma, device=out.device))
         return HeadOutput(out[:, 0], log_sigma)
 
-    def loss(self, output: HeadOutput, value: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+    def loss(self, output: HeadOutput, value: torch.Tensor, error: torch.Tensor, offsets: torch.Tensor | None = None
+             ) -> torch.Tensor:
         nll = gaussian_nll(output.mean, output.log_sigma, value, error)
         if self.beta:
             nll = nll * predictive_variance(output.log_sigma, error).detach() ** self.beta

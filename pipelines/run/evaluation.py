@@ -71,6 +71,7 @@ from pipelines.run.baselines import GRADIENT_BOOST_MAX_ELEMENTS, GradientBoost, 
 from pipelines.run.config import RunConfig
 from pipelines.run.inference import predict_hidden
 from pipelines.run.protocols import SPLIT_STREAM, Protocol, hidden_counts, load_split, split_plan
+from pipelines.run.scores import SAMPLE_LEVELS, crps_gaussian, crps_samples, energy_score, sample_coverage
 
 #: the methods compared, in table order
 METHODS = ("model", "channel_mean", "per_record_mean", "forward_fill", "linear_interpolation", "gradient_boost")
@@ -100,6 +101,8 @@ CALIBRATION_LEVELS = tuple(sorted({*np.round(np.arange(0.05, 1.0, 0.05), 2).toli
 #: floor on a fitted constant sigma (normalised units; the model's default ``min_sigma``)
 SIGMA_FLOOR = 1e-3
 METRIC_COLUMNS = ("mse", "mae", "nll", "coverage68", "coverage95", "n")
+#: draws per hidden element for the model's sample scores (CRPS, energy score, sample coverage)
+DEFAULT_SAMPLES = 16
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -107,24 +110,28 @@ METRIC_COLUMNS = ("mse", "mae", "nll", "coverage68", "coverage95", "n")
 # ---------------------------------------------------------------------------------------------------------
 
 def model_predictions(model: Percival, ds: ElementDataset, hidden: np.ndarray, batch_tokens: int = 8192,
-                      max_records: int | None = 64, record_cost: int = 32, dtype: torch.dtype | None = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
+                      max_records: int | None = 64, record_cost: int = 32, dtype: torch.dtype | None = None,
+                      n_samples: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The model's mean and sigma (normalised) for the hidden elements, in packed dataset order
-    (aligned with ``np.flatnonzero(hidden)``). Only records with hidden elements are run, in length-aware
-    batches (:func:`~datasets.loader.token_batches`, ``shuffle=False``); every other element is visible."""
+    (aligned with ``np.flatnonzero(hidden)``), and ``n_samples`` draws of each (K, n_hidden; None for 0).
+    Only records with hidden elements are run, in length-aware batches (:func:`~datasets.loader.token_batches`,
+    ``shuffle=False``); every other element is visible."""
     n_hidden = int(hidden.sum())
     mean, sigma = np.full(n_hidden, np.nan), np.full(n_hidden, np.nan)
+    samples = np.full((n_samples, n_hidden), np.nan, np.float32) if n_samples else None
     counts = hidden_counts(ds, hidden)
     records = np.flatnonzero(counts > 0)
     if not len(records):
-        return mean, sigma
+        return mean, sigma, samples
     position = np.cumsum(hidden) - 1  # index of each hidden element among the hidden ones
     batches = token_batches(ds.lengths[records], batch_tokens, max_records, shuffle=False, record_cost=record_cost)
-    for b in batches:
-        q, pred = predict_hidden(model, ds, records[b], hidden, dtype)
+    for i, b in enumerate(batches):
+        q, pred = predict_hidden(model, ds, records[b], hidden, dtype, n_samples, seed=seed + i)
         mean[position[q]] = pred.mean.numpy()
         sigma[position[q]] = pred.sigma.numpy()
-    return mean, sigma
+        if n_samples:
+            samples[:, position[q]] = pred.samples.numpy()
+    return mean, sigma, samples
 
 
 def baseline_predictions(ds: ElementDataset, hidden: np.ndarray, means: np.ndarray,
@@ -282,6 +289,8 @@ class ProtocolResult:
     channel_units: dict[str, str] = field(default_factory=dict)
     #: method -> one line: what it sees (and, for gradient_boost, what it was trained on)
     evidence: dict[str, str] = field(default_factory=dict)
+    #: proper scores of the predictive distributions (:func:`distribution_scores`)
+    distribution: dict = field(default_factory=dict)
 
     @property
     def methods(self) -> list[str]:
@@ -316,13 +325,15 @@ def evaluate_protocol(store: Store | str, model: Percival, config: RunConfig, pr
                       fit_split: str | None = None, score_split: str = SCORE_SPLIT,
                       dtype: torch.dtype | None = None,
                       gradient_boost_elements: int | None = GRADIENT_BOOST_MAX_ELEMENTS,
-                      gradient_boost_params: dict | None = None) -> ProtocolResult:
+                      gradient_boost_params: dict | None = None, n_samples: int = DEFAULT_SAMPLES) -> ProtocolResult:
     """Run ``protocol`` on ``store``: train the gradient-boost baseline on the train split, fit the baselines'
     sigma on ``fit_split`` (by default :data:`SIGMA_SPLIT` of the scored split: ``val`` when scoring ``test``,
     the reserved train records when scoring ``val``), score everything on ``score_split`` (the first
     ``max_records`` records of each split). ``means``: train-split channel means (computed with
     :func:`train_channel_means` when None). ``gradient_boost_elements``: at most this many train elements
-    train the gradient-boost baseline; ``gradient_boost_params`` override its regressor settings."""
+    train the gradient-boost baseline; ``gradient_boost_params`` override its regressor settings. ``n_samples``
+    draws per hidden element score the model's joint distribution (:func:`distribution_scores`; 0: only the
+    Gaussian closed forms)."""
     store = open_store(store) if isinstance(store, str) else store
     protocol = Protocol.parse(protocol)
     fit_split = SIGMA_SPLIT.get(score_split, FIT_SPLIT) if fit_split is None else fit_split
@@ -378,7 +389,8 @@ def evaluate_protocol(store: Store | str, model: Percival, config: RunConfig, pr
         raise ValueError(f"protocol {protocol.name!r} would score nothing on {store.url}: {why}")
     sel = np.flatnonzero(hidden)
     value, error, channel = ds.value[sel], ds.error[sel], ds.channel[sel]
-    preds = {"model": model_predictions(model, ds, hidden, **batching)}
+    *preds_model, samples = model_predictions(model, ds, hidden, n_samples=n_samples, seed=seed, **batching)
+    preds = {"model": tuple(preds_model)}
     for name, pred in baseline_predictions(ds, hidden, means, gb).items():
         preds[name] = (pred, baseline_sigma[name][channel])
     metrics, calibration = {}, {}
@@ -387,6 +399,9 @@ def evaluate_protocol(store: Store | str, model: Percival, config: RunConfig, pr
         metrics[name] = score(value, error, channel, mean, sigma, channel_names, mc.channel_modality,
                               mc.modalities)
         calibration[name] = coverage_curve(value, error, mean, sigma).tolist()
+    record = segment_ids(ds.offsets)[sel]
+    distribution = distribution_scores(value, error, channel, record, len(ds), preds, samples,
+                                       np.asarray(mc.channel_modality), mc.modalities, seed)
     units = {c.name: c.unit for c in mc.contract.channels}
     evidence = {**EVIDENCE, "gradient_boost": f"{gb.describe('train')}; {int(reserved.sum()):,} train records "
                                               "held out of its training"}
@@ -396,6 +411,44 @@ def evaluate_protocol(store: Store | str, model: Percival, config: RunConfig, pr
         baseline_sigma={k: dict(zip(channel_names, map(float, v), strict=True)) for k, v in baseline_sigma.items()},
         sigma_source=sigma_source, n_records=int((hidden_counts(ds, hidden) > 0).sum()), n_elements=len(sel),
         n_fit_records=n_fit, n_fit_elements=n_fit_elements, levels=list(CALIBRATION_LEVELS),
-        calibration=calibration, channel_units=units, evidence={m: evidence[m] for m in METHODS})
+        calibration=calibration, channel_units=units, evidence={m: evidence[m] for m in METHODS},
+        distribution=distribution)
+
+
+def distribution_scores(value: np.ndarray, error: np.ndarray, channel: np.ndarray, record: np.ndarray,
+                        n_records: int, preds: dict[str, tuple], samples: np.ndarray | None,
+                        channel_modality: np.ndarray, modalities: list[str], seed: int = 0) -> dict:
+    """Proper scores (:mod:`pipelines.run.scores`) of every method's predictive distribution on the hidden
+    elements: ``crps_gaussian`` (its mean and ``sqrt(sigma^2 + e^2)``; overall and per modality) for every
+    method; for the model with ``samples`` (K, N) also the sample CRPS, the mean energy score per record,
+    the same for K independent Gaussian draws from its own marginals (seeded), and the coverage of the
+    samples' central 50 / 90 / 95 % intervals."""
+    e2 = np.nan_to_num(np.asarray(error, np.float64), nan=0.0) ** 2
+    modality = channel_modality[channel]
+
+    def by_modality(x: np.ndarray) -> dict:
+        return {"overall": float(np.mean(x)) if len(x) else float("nan"),
+                "modality": {m: float(np.mean(x[modality == i])) for i, m in enumerate(modalities)
+                             if (modality == i).any()}}
+
+    out: dict = {"methods": {}}
+    for name, (mean, sigma) in preds.items():
+        sd = np.sqrt(np.asarray(sigma, np.float64) ** 2 + e2)
+        out["methods"][name] = {"crps_gaussian": by_modality(crps_gaussian(value, mean, sd))}
+    if samples is not None and len(value):
+        mean, sigma = preds["model"]
+        sd = np.sqrt(np.asarray(sigma, np.float64) ** 2 + e2)
+        rng = np.random.default_rng([seed, 7])
+        independent = mean + sd * rng.standard_normal(samples.shape)
+        scored = np.bincount(record, minlength=n_records) > 0
+        model = out["methods"]["model"]
+        model["crps_samples"] = by_modality(crps_samples(value, samples))
+        model["energy_score"] = float(np.mean(energy_score(value, samples, record, n_records)[scored]))
+        model["energy_score_independent"] = float(np.mean(energy_score(value, independent, record, n_records)[scored]))
+        model["energy_score_vs_independent"] = model["energy_score"] / model["energy_score_independent"]
+        model["sample_coverage"] = {f"{lv:g}": float(np.mean(sample_coverage(value, samples, lv)))
+                                    for lv in SAMPLE_LEVELS}
+        out["n_samples"] = int(samples.shape[0])
+    return out
 
 

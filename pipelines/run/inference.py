@@ -39,13 +39,16 @@ def masked_batch(ds: ElementDataset, items: np.ndarray, hidden: np.ndarray) -> t
 
 
 def predict_hidden(model: Percival, ds: ElementDataset, items: np.ndarray, hidden: np.ndarray,
-                   dtype: torch.dtype | None = None) -> tuple[np.ndarray, Prediction]:
+                   dtype: torch.dtype | None = None, n_samples: int = 0, seed: int = 0
+                   ) -> tuple[np.ndarray, Prediction]:
     """Predict the ``hidden`` elements (bool per dataset element) of records ``items`` from their other
-    elements: the dataset positions of the hidden elements (packed order) and the prediction for them."""
+    elements: the dataset positions of the hidden elements (packed order) and the prediction for them (with
+    ``n_samples`` draws of each, their measurement errors included)."""
     items = np.asarray(items, np.int64)
     batch, idx = masked_batch(ds, items, hidden)
     h = hidden[idx]
     q = idx[h]
     counts = np.bincount(segment_ids(offsets_from_counts(ds.lengths[items]))[h], minlength=len(items))
-    queries = Queries.from_arrays(ds.elements.time[ds.element_index[q]], ds.channel[q], ds.coord[q], counts=counts)
-    return q, predict(model, batch, queries, dtype=dtype)
+    queries = Queries.from_arrays(ds.elements.time[ds.element_index[q]], ds.channel[q], ds.coord[q], counts=counts,
+                                  error=ds.error[q])
+    return q, predict(model, batch, queries, dtype=dtype, n_samples=n_samples, seed=seed)
