@@ -87,7 +87,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     with prefect_env.api():
         summary = evaluate_flow(args.store, args.checkpoint, args.out, protocols=tuple(args.protocol or ("holdout",)),
-                                seed=args.seed, max_records=args.max_records, split=args.split)
+                                seed=args.seed, max_records=args.max_records, split=args.split, samples=args.samples)
     print(Path(summary["markdown"]).read_text())
     return 0
 
@@ -168,8 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--out", required=True, help="directory for evaluation.md, evaluation.json and PNG plots")
     ev.add_argument("--protocol", action="append", metavar="P",
-                    help="holdout (30%% of elements hidden at random), holdout:FRACTION, or modality:NAME "
-                         "(e.g. modality:labs); repeatable; default holdout")
+                    help="holdout (30%% of elements hidden at random), holdout:FRACTION, modality:NAME "
+                         "(e.g. modality:labs) or channel:NAME (e.g. channel:lsst_u); repeatable; default holdout")
+    ev.add_argument("--samples", type=int, default=16, metavar="K",
+                    help="draws per hidden element for the distribution scores (CRPS, energy score per record, "
+                         "sample coverage); default 16")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--max-records", type=int, default=None, help="limit each split to its first N records")
     ev.add_argument("--split", choices=["val", "test"], default="test",

@@ -57,6 +57,9 @@ def plan_task(store: str, checkpoint: str, protocols: list[str]) -> list[str]:
         p = Protocol.parse(spec)
         if p.kind == "modality" and p.modality not in have:
             raise ValueError(f"protocol {spec!r}: the model has no modality {p.modality!r}; it has {have}")
+        if p.kind == "channel" and p.target not in contract.channel_names:
+            raise ValueError(f"protocol {spec!r}: the model has no channel {p.target!r}; it has "
+                             f"{contract.channel_names}")
         names.append(p.name)
     if len(set(names)) != len(names):
         raise ValueError(f"protocols repeat: {names}")
@@ -74,14 +77,15 @@ def channel_means_task(store: str, checkpoint: str) -> list[float]:
 
 @task(retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io, task_run_name="evaluate-{protocol}")
 def evaluate_task(store: str, checkpoint: str, protocol: str, seed: int, max_records: int | None,
-                  means: list[float], split: str = "test", gradient_boost_elements: int | None = None) -> dict:
+                  means: list[float], split: str = "test", gradient_boost_elements: int | None = None,
+                  samples: int = 16) -> dict:
     from pipelines.run.baselines import GRADIENT_BOOST_MAX_ELEMENTS
     from pipelines.run.config import load_run
     from pipelines.run.evaluation import evaluate_protocol
 
     model, config = load_run(checkpoint)
     result = evaluate_protocol(store, model, config, protocol, seed=seed, max_records=max_records, means=means,
-                               score_split=split,
+                               score_split=split, n_samples=samples,
                                gradient_boost_elements=gradient_boost_elements or GRADIENT_BOOST_MAX_ELEMENTS)
     get_run_logger().info("%s: %d hidden elements of %d %s records scored; gradient_boost: %s", protocol,
                           result.n_elements, result.n_records, split, result.evidence.get("gradient_boost"))
@@ -141,12 +145,13 @@ def report_task(results: list[dict], plots: dict[str, list[str]], out_dir: str, 
     from perceiver.checkpoint import weights_sha256
     from pipelines.run.evaluation import ProtocolResult
     from pipelines.run.protocols import Protocol
-    from pipelines.run.report import report_markdown, rhythms_markdown, table_rows
+    from pipelines.run.report import distribution_markdown, report_markdown, rhythms_markdown, table_rows
 
     out = Path(out_dir)
     res = [ProtocolResult.from_dict(r) for r in results]
     names = {p: [Path(x).name for x in paths] for p, paths in plots.items()}
-    markdown = report_markdown(res, store, checkpoint, names) + rhythms_markdown(rhythms or {}, RHYTHM_RECORDS)
+    markdown = (report_markdown(res, store, checkpoint, names) + distribution_markdown(res)
+                + rhythms_markdown(rhythms or {}, RHYTHM_RECORDS))
     md_path, json_path = out / "evaluation.md", out / "evaluation.json"
     md_path.write_text(markdown + "\n")
     doc = {"store": store, "checkpoint": checkpoint, "checkpoint_sha256": weights_sha256(checkpoint),
@@ -182,16 +187,19 @@ def _ratio(result) -> float | None:
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(store: str, checkpoint: str, out_dir: str, protocols: tuple[str, ...] | list[str] = (
         "holdout", "modality:labs"), seed: int = 0, max_records: int | None = None, split: str = "test",
-        gradient_boost_elements: int | None = None) -> dict:
+        gradient_boost_elements: int | None = None, samples: int = 16) -> dict:
     """Evaluate the checkpoint in ``checkpoint`` on the store at ``store`` under each protocol (``holdout``,
     ``holdout:FRACTION``, ``modality:NAME``) on the ``split`` split (``test``, or ``val`` to choose models and
     settings); write ``evaluation.md``, ``evaluation.json`` and PNG plots into ``out_dir``; publish them as
     artifacts. ``max_records`` limits each split to its first records (a quick look);
     ``gradient_boost_elements`` caps the gradient-boost baseline's training elements (default
-    :data:`pipelines.run.baselines.GRADIENT_BOOST_MAX_ELEMENTS`). Returns a small summary: files, the split, and
-    per protocol the counts and the overall MSE per method."""
+    :data:`pipelines.run.baselines.GRADIENT_BOOST_MAX_ELEMENTS`); ``samples`` draws per hidden element score
+    the model's distribution (CRPS, energy score, sample coverage). Returns a small summary: files, the split,
+    and per protocol the counts and the overall MSE per method."""
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    if samples < 1:
+        raise ValueError(f"--samples must be a positive number of draws, got {samples}")
     t0 = time.perf_counter()
     logger = get_run_logger()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -199,7 +207,8 @@ def evaluate_flow(store: str, checkpoint: str, out_dir: str, protocols: tuple[st
     means = channel_means_task(store, checkpoint)
     results, plots = [], {}
     for name in names:
-        result = evaluate_task(store, checkpoint, name, seed, max_records, means, split, gradient_boost_elements)
+        result = evaluate_task(store, checkpoint, name, seed, max_records, means, split, gradient_boost_elements,
+                               samples)
         plots[name] = plots_task(store, checkpoint, name, seed, max_records, means, result, out_dir)
         results.append(result)
     rhythms = rhythms_task(store, checkpoint, split)

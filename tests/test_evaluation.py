@@ -390,3 +390,18 @@ def test_a_protocol_that_would_score_nothing_is_an_error_with_the_reason(tmp_pat
     with pytest.raises(ValueError, match="'modality:photometry' would score nothing .*no test-split record has "
                                          "`photometry` and another modality"):
         evaluate_protocol(s, model, config, "modality:photometry", max_records=0)
+
+
+def test_a_channel_protocol_hides_one_channel_where_the_record_has_another():
+    from pipelines.run.protocols import hidden_elements
+
+    offsets = np.array([0, 4, 6, 8])
+    channel = np.array([0, 1, 0, 2, 1, 1, 0, 2])  # record 1 has only channel 1: nothing to predict it from
+    modality = np.zeros(8, np.int64)
+    hidden = hidden_elements(offsets, modality, np.arange(8.0), "channel:b", ["m"], np.random.default_rng(0),
+                             channel, ["a", "b", "c"])
+    assert hidden.tolist() == [False, True, False, False, False, False, False, False]
+    assert Protocol.parse("channel:lsst_u").name == "channel:lsst_u"
+    with pytest.raises(ValueError, match="no channel 'z'"):
+        hidden_elements(offsets, modality, np.arange(8.0), "channel:z", ["m"], np.random.default_rng(0), channel,
+                        ["a", "b", "c"])

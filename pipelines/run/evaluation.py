@@ -384,8 +384,8 @@ def evaluate_protocol(store: Store | str, model: Percival, config: RunConfig, pr
     ds = load_split(store, score_split, mc.contract, max_records)
     hidden = split_plan(ds, protocol, seed, score_split)
     if not hidden.any():
-        why = (f"no {score_split}-split record has `{protocol.modality}` and another modality"
-               if protocol.kind == "modality" else f"every {score_split}-split record has a single element")
+        why = (f"no {score_split}-split record has `{protocol.target}` and another {protocol.kind}"
+               if protocol.kind != "holdout" else f"every {score_split}-split record has a single element")
         raise ValueError(f"protocol {protocol.name!r} would score nothing on {store.url}: {why}")
     sel = np.flatnonzero(hidden)
     value, error, channel = ds.value[sel], ds.error[sel], ds.channel[sel]

@@ -8,6 +8,9 @@
     every element of modality ``NAME`` (e.g. PhysioNet ``labs`` from ``vitals`` + ``static``; DESI
     ``spectrum`` from ``photometry``), in the records that have that modality *and* at least one other; the
     other records are not scored.
+``channel:NAME``
+    every element of channel ``NAME`` (e.g. PLAsTiCC ``lsst_u``: a band predicted from the others), in the
+    records that have that channel *and* an element of another channel.
 
 The plan of a split is a function of (``seed``, split name, the records evaluated) only: the same seed gives
 the same hidden elements on every run.
@@ -30,16 +33,22 @@ SPLIT_STREAM = {"train": 0, "val": 1, "test": 2}
 
 @dataclass(frozen=True)
 class Protocol:
-    """``kind`` is ``holdout`` (hide ``fraction`` of every record's elements) or ``modality`` (hide
-    ``modality`` in the records that have it and another modality)."""
+    """``kind`` is ``holdout`` (hide ``fraction`` of every record's elements), ``modality`` (hide modality
+    ``target`` in the records that have it and another modality) or ``channel`` (hide channel ``target`` in the
+    records that have it and another channel)."""
 
     kind: str
-    modality: str | None = None
+    target: str | None = None
     fraction: float = 0.3
+
+    @property
+    def modality(self) -> str | None:
+        """The hidden modality of a ``modality`` protocol."""
+        return self.target if self.kind == "modality" else None
 
     @classmethod
     def parse(cls, spec: str | Protocol) -> Protocol:
-        """``"holdout"``, ``"holdout:0.3"`` or ``"modality:NAME"``."""
+        """``"holdout"``, ``"holdout:0.3"``, ``"modality:NAME"`` or ``"channel:NAME"``."""
         if isinstance(spec, Protocol):
             return spec
         kind, _, arg = str(spec).partition(":")
@@ -48,14 +57,15 @@ class Protocol:
             if not 0.0 < fraction < 1.0:
                 raise ValueError(f"holdout fraction must be in (0, 1), got {spec!r}")
             return cls("holdout", None, fraction)
-        if kind == "modality" and arg:
-            return cls("modality", arg)
-        raise ValueError(f"unknown protocol {spec!r}: use 'holdout', 'holdout:FRACTION' or 'modality:NAME'")
+        if kind in ("modality", "channel") and arg:
+            return cls(kind, arg)
+        raise ValueError(f"unknown protocol {spec!r}: use 'holdout', 'holdout:FRACTION', 'modality:NAME' or "
+                         "'channel:NAME'")
 
     @property
     def name(self) -> str:
-        if self.kind == "modality":
-            return f"modality:{self.modality}"
+        if self.kind in ("modality", "channel"):
+            return f"{self.kind}:{self.target}"
         return "holdout" if self.fraction == 0.3 else f"holdout:{self.fraction:g}"
 
     @property
@@ -65,20 +75,22 @@ class Protocol:
         return "".join(ch if ch.isalnum() or ch == "-" else "-" for ch in text)
 
     def describe(self) -> str:
-        if self.kind == "modality":
-            return (f"all `{self.modality}` elements hidden, in records that have `{self.modality}` and at least "
-                    "one other modality")
+        if self.kind in ("modality", "channel"):
+            return (f"all `{self.target}` elements hidden, in records that have `{self.target}` and at least "
+                    f"one other {self.kind}")
         return f"{self.fraction:.0%} of each record's elements hidden at random (rounded per record)"
 
 
 def hidden_elements(offsets: np.ndarray, modality: np.ndarray, time: np.ndarray, protocol: Protocol | str,
-                    modalities: list[str], rng: np.random.Generator) -> np.ndarray:
+                    modalities: list[str], rng: np.random.Generator, channel: np.ndarray | None = None,
+                    channel_names: list[str] | None = None) -> np.ndarray:
     """Boolean per packed element: hidden from the encoder and scored.
 
-    ``offsets`` (B+1), element ``modality`` (index into ``modalities``) and ``time`` describe packed records.
-    ``holdout`` uses :func:`~datasets.loader.plan_masks` with its hold-out mode only (``round(fraction * n)``
-    elements per record, at least one hidden and one kept; a one-element record hides nothing). ``modality``
-    hides the named modality where the record also has another one; ``rng`` is not used there.
+    ``offsets`` (B+1), element ``modality`` (index into ``modalities``), ``time`` and ``channel`` (index into
+    ``channel_names``) describe packed records. ``holdout`` uses :func:`~datasets.loader.plan_masks` with its
+    hold-out mode only (``round(fraction * n)`` elements per record, at least one hidden and one kept; a
+    one-element record hides nothing). ``modality`` / ``channel`` hide the named modality / channel where the
+    record also has another one; ``rng`` is not used there.
     """
     protocol = Protocol.parse(protocol)
     offsets = np.asarray(offsets, np.int64)
@@ -87,12 +99,12 @@ def hidden_elements(offsets: np.ndarray, modality: np.ndarray, time: np.ndarray,
         config = MaskingConfig(holdout=protocol.fraction, modality_dropout=0.0, forecast=0.0, autoencode=0.0)
         plan = plan_masks(offsets, modality, time, rng, config)
         return ~plan.visible
-    if protocol.modality not in modalities:
-        raise ValueError(f"protocol {protocol.name!r}: no modality {protocol.modality!r} (have {modalities})")
-    m = modalities.index(protocol.modality)
+    kind_codes, names = (modality, modalities) if protocol.kind == "modality" else (channel, channel_names)
+    if names is None or protocol.target not in names:
+        raise ValueError(f"protocol {protocol.name!r}: no {protocol.kind} {protocol.target!r} (have {names})")
     n_rec = len(offsets) - 1
     record = segment_ids(offsets)
-    is_m = modality == m
+    is_m = np.asarray(kind_codes, np.int64) == names.index(protocol.target)
     has_m = np.bincount(record[is_m], minlength=n_rec) > 0
     has_other = np.bincount(record[~is_m], minlength=n_rec) > 0
     return is_m & (has_m & has_other)[record]
@@ -111,7 +123,8 @@ def load_split(store: Store, split: str, contract: DataContract, max_records: in
 def split_plan(ds: ElementDataset, protocol: Protocol | str, seed: int, split: str) -> np.ndarray:
     """The hidden elements of a split's dataset (packed dataset order) for ``protocol`` and ``seed``."""
     rng = np.random.default_rng([seed, SPLIT_STREAM.get(split, 99)])
-    return hidden_elements(ds.offsets, ds.modality, ds.time, protocol, ds.modalities, rng)
+    return hidden_elements(ds.offsets, ds.modality, ds.time, protocol, ds.modalities, rng, ds.channel,
+                           ds.channels["name"].astype(str).tolist())
 
 
 def hidden_counts(ds: ElementDataset, hidden: np.ndarray) -> np.ndarray:

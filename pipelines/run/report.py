@@ -97,6 +97,32 @@ def report_markdown(results: list[ProtocolResult], store: str = "", checkpoint: 
     return "\n".join(out)
 
 
+def distribution_markdown(results) -> str:
+    """The proper-score section (:func:`pipelines.run.evaluation.distribution_scores`): per protocol, each
+    method's Gaussian CRPS, and the model's sample CRPS, energy score (against independent Gaussian draws from
+    its own marginals) and sample coverage."""
+    out = []
+    for r in results:
+        d = r.distribution or {}
+        if not d.get("methods"):
+            continue
+        model = d["methods"].get("model", {})
+        out += ["", f"## Distribution scores: {r.protocol}", "",
+                "CRPS per hidden element (normalised units; lower is better), Gaussian closed form from each "
+                "method's mean and σ (with the measurement error in quadrature).", "",
+                "| method | CRPS |", "|---|---:|"]
+        out += [f"| {m} | {_fmt(v['crps_gaussian']['overall'])} |" for m, v in d["methods"].items()]
+        if "energy_score" in model:
+            cov = ", ".join(f"{float(k):.0%}: {_fmt(v)}" for k, v in model["sample_coverage"].items())
+            out += ["", f"From {d['n_samples']} draws per hidden element (joint over a record's elements where the "
+                    "head models that): sample CRPS " + _fmt(model["crps_samples"]["overall"]) + "; energy score per "
+                    f"record {_fmt(model['energy_score'])} against {_fmt(model['energy_score_independent'])} for "
+                    f"independent Gaussian draws from the same marginals "
+                    f"({_fmt(model['energy_score_vs_independent'])}×); coverage of the draws' central intervals: "
+                    f"{cov}."]
+    return "\n".join(out) + "\n" if out else ""
+
+
 def rhythms_markdown(table: dict[str, dict], n_records: int) -> str:
     """The invented-rhythm section (:mod:`pipelines.run.rhythms`): per modality, the mean sub-Nyquist RMS of the
     model's grid curves and of PCHIP's."""
