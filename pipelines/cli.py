@@ -20,6 +20,17 @@ def _options(pairs: list[str]) -> dict:
         raise SystemExit(str(e)) from None
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (a count of draws)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of draws, got {value}")
+    return value
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     kwargs = dict(shard_size=args.shard_size, options=_options(args.option),
                   max_record_elements=args.max_record_elements)
@@ -77,7 +88,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         summary = reconstruct_flow(args.store, args.checkpoint, args.out, records_per_shard=args.records_per_shard,
                                    grid_times=args.grid_times, grid_coords=args.grid_coords, workers=args.workers,
                                    dask_address=args.dask_address, precision=args.precision, folds=args.folds,
-                                   threads=args.threads)
+                                   threads=args.threads, samples=args.samples or 0, head=args.head)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -86,6 +97,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipelines.evaluate import evaluate_flow
 
     with prefect_env.api():
+        if args.head is not None:
+            from perceiver.checkpoint import read_model_config
+            from pipelines.reconstruct import check_head
+
+            check_head(args.checkpoint, read_model_config(args.checkpoint).head.name, args.head)
         summary = evaluate_flow(args.store, args.checkpoint, args.out, protocols=tuple(args.protocol or ("holdout",)),
                                 seed=args.seed, max_records=args.max_records, split=args.split, samples=args.samples)
     print(Path(summary["markdown"]).read_text())
@@ -159,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     rc.add_argument("--folds", type=int, default=5, metavar="K",
                     help="out-of-sample folds per record: each element also predicted with its fold hidden, "
                          "and its residual_z, at ~K x the encoder cost (default 5; 0 or 1: off)")
+    rc.add_argument("--samples", type=positive_int, default=None, metavar="K",
+                    help="K draws per element and grid point (a `sample` dimension; joint over a record with the "
+                         "diffusion head, independent with the Gaussian one), with their mean and 95 %% "
+                         "quantiles; default none")
+    rc.add_argument("--head", default=None, metavar="NAME",
+                    help="check that the checkpoint has this output head (e.g. diffusion)")
     rc.add_argument("--threads", type=int, default=None,
                     help="torch threads per worker (default OMP_NUM_THREADS, else the CPUs shared by the workers)")
     rc.set_defaults(fn=cmd_reconstruct)
@@ -170,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--protocol", action="append", metavar="P",
                     help="holdout (30%% of elements hidden at random), holdout:FRACTION, modality:NAME "
                          "(e.g. modality:labs) or channel:NAME (e.g. channel:lsst_u); repeatable; default holdout")
-    ev.add_argument("--samples", type=int, default=16, metavar="K",
+    ev.add_argument("--head", default=None, metavar="NAME",
+                    help="check that the checkpoint has this output head (e.g. diffusion)")
+    ev.add_argument("--samples", type=positive_int, default=16, metavar="K",
                     help="draws per hidden element for the distribution scores (CRPS, energy score per record, "
                          "sample coverage); default 16")
     ev.add_argument("--seed", type=int, default=0)

@@ -33,6 +33,7 @@ from datasets.store.reconstruction import (
     committed_meta,
     reconstruction_arrays,
     store_folds,
+    store_samples,
 )
 from pipelines import prefect_env
 from pipelines.options import default_threads
@@ -61,7 +62,7 @@ def plan_task(store: str, out: str, records_per_shard: int) -> list[tuple[int, i
 @task(retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io,
       task_run_name="reconstruct-shard-{start}-{stop}")
 def reconstruct_shard_task(store: str, checkpoint: str, start: int, stop: int, staging: str, grid: dict,
-                           max_tokens: int, precision: str, threads: int, folds: int = 0) -> str:
+                           max_tokens: int, precision: str, threads: int, folds: int = 0, samples: int = 0) -> str:
     import torch
 
     from perceiver.checkpoint import load
@@ -75,7 +76,7 @@ def reconstruct_shard_task(store: str, checkpoint: str, start: int, stop: int, s
         elements = s.read(start, stop)
         dtype = torch.bfloat16 if precision == "bf16" else None
         r = reconstruct(model, elements, s.channels, GridSpec(**grid), max_tokens=max_tokens, dtype=dtype,
-                        folds=folds)
+                        folds=folds, n_samples=samples, sample_seed=start)
     finally:
         torch.set_num_threads(caller_threads)
     path = os.path.join(staging, f"shard-{start:09d}-{stop:09d}.npz")
@@ -98,7 +99,7 @@ def commit_task(out: str, provenance: dict, d_latent: int, start: int, stop: int
 def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: int = 2000, grid_times: int = 64,
                      grid_coords: int = 0, grid_channels: list[str] | None = None, workers: int = 1,
                      dask_address: str | None = None, precision: str = "fp32", max_tokens: int = 16_384,
-                     folds: int = 5, threads: int | None = None
+                     folds: int = 5, threads: int | None = None, samples: int = 0, head: str | None = None
                      ) -> dict:  # folds = pipelines.run.reconstruction.DEFAULT_FOLDS (a torch-free import)
     """Reconstruct every record of ``store`` with the model in ``checkpoint`` into the Zarr store ``out``.
 
@@ -106,7 +107,11 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
     the workers).
 
     ``folds`` >= 2 adds the out-of-sample outputs (``mean_oos``, ``sigma_oos``, their normalised versions
-    and ``residual_z``) at about ``folds`` times the encoder cost; 0 or 1 leaves them out."""
+    and ``residual_z``) at about ``folds`` times the encoder cost; 0 or 1 leaves them out.
+
+    ``samples`` = K > 0 adds K draws per element and grid point (``samples``, ``grid_samples`` with a
+    ``sample`` dimension; their mean and 2.5 / 97.5 % quantiles beside them). ``head``, where given, must be
+    the checkpoint's output head (a check, e.g. that a ``diffusion`` model is the one used)."""
     t0 = time.perf_counter()
     from datasets.loader import match_channels
     from perceiver.checkpoint import weights_sha256
@@ -115,8 +120,11 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
     if folds < 0:
         raise ValueError(f"folds must be >= 0 (0 or 1: no out-of-sample outputs), got {folds}")
     folds = folds if folds >= 2 else 0
+    if samples is None or samples < 0:
+        raise ValueError(f"samples must be a positive number of draws (or 0: none), got {samples}")
 
     model, config = load_run(checkpoint)
+    check_head(checkpoint, model.config.head.name, head)
     match_channels(model.config.contract, open_store(store).channels, store)  # fail before any shard runs
     provenance = {
         "input_store": os.path.abspath(store) if "://" not in store else store,
@@ -124,12 +132,15 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
         "checkpoint_sha256": weights_sha256(checkpoint),
         "model_config": config.to_dict(), "code_version": code_version(),
         "grid": {"n_times": grid_times, "n_coords": grid_coords, "channels": grid_channels},
-        "precision": precision, "folds": folds,
+        "precision": precision, "folds": folds, "samples": samples,
     }
     existing = committed_meta(out)
     if existing and store_folds(existing) != folds:
         raise StoreError(f"{out} holds reconstructions with folds={store_folds(existing)}, not {folds}: "
                          "choose another output or the same folds")
+    if existing and store_samples(existing) != samples:
+        raise StoreError(f"{out} holds reconstructions with samples={store_samples(existing)}, not {samples}: "
+                         "choose another output or the same samples")
     shards = plan_task(store, out, records_per_shard)
     grid = provenance["grid"]
     done = 0
@@ -140,7 +151,7 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
             threads = threads or default_threads(workers)
             args = {"store": store, "checkpoint": checkpoint, "staging": staging, "grid": grid,
                     "max_tokens": max_tokens, "precision": precision, "threads": threads,
-                    "folds": folds}
+                    "folds": folds, "samples": samples}
             with prefect_env.workers_share_api():
                 for (a, b), path in zip(shards, _run_shards(shards, args, workers, dask_address), strict=True):
                     done += commit_task(out, provenance, model.config.sizes.d_latent, a, b, path)
@@ -157,6 +168,13 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
 
 
 STAGING_PREFIX = ".reconstruct-staging-"
+
+
+def check_head(checkpoint: str, have: str, want: str | None) -> None:
+    """Fail, naming both, where a command asks for another output head than the checkpoint's."""
+    if want is not None and want != have:
+        raise ValueError(f"{checkpoint}: the checkpoint was trained with the {have!r} head, not {want!r} "
+                         f"(train one with `percival train --head {want}`)")
 
 
 def _remove_dead_staging(folder: str | None) -> None:

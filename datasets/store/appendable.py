@@ -102,14 +102,16 @@ class AppendableGroup:
         return int(self.meta["commit"][dim])
 
     def create_array(self, name: str, dtype, dim: str, attrs: dict | None = None, width: int | None = None,
-                     big: bool = False) -> None:
-        """A new empty array along ``dim``; ``width`` makes it 2-D (``dim`` x ``<name>_index``)."""
+                     big: bool = False, width_dim: str | None = None) -> None:
+        """A new empty array along ``dim``; ``width`` makes it 2-D (``dim`` x ``width_dim``, by default
+        ``<name>_index``)."""
         shape, dims = (0,), [dim]
         chunk, shard = (BIG_CHUNK, BIG_SHARD) if big else (TABLE_CHUNK, TABLE_SHARD)
         chunks, shards = (chunk,), (shard,)
         if width is not None:
             rows = max(1, chunk // max(width, 1))
-            shape, dims, chunks, shards = (0, width), [dim, f"{name}_index"], (rows, width), (rows * 8, width)
+            dims = [dim, width_dim or f"{name}_index"]
+            shape, chunks, shards = (0, width), (rows, width), (rows * 8, width)
         self.group.create_array(name, shape=shape, dtype=dtype, dimension_names=dims, fill_value=fill_value(dtype),
                                 chunks=chunks, shards=shards, compressors=ZstdCodec(level=3),
                                 attributes=attrs or {}, overwrite=True)

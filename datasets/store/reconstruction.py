@@ -44,6 +44,19 @@ OOS_ARRAYS = {
 }
 GRID_ARRAYS = {"time": np.float64, "channel": np.int16, "coord": np.float32, "mean": np.float32,
                "sigma": np.float32, "lower95": np.float32, "upper95": np.float32}
+#: arrays of stores made with samples (K draws per element and per grid point; also ``grid_<name>``)
+SAMPLE_ARRAYS = {
+    "samples": {"long_name": "draws of the reconstruction (joint over a record where the head models that), in the "
+                             "channel's unit", "_note": "dimension sample: the draw"},
+    "samples_mean": {"long_name": "mean of the draws, in the channel's unit"},
+    "samples_lower95": {"long_name": "2.5 % quantile of the draws, in the channel's unit"},
+    "samples_upper95": {"long_name": "97.5 % quantile of the draws, in the channel's unit"},
+}
+
+
+def store_samples(meta: dict) -> int:
+    """Draws per element of a store's (or a run's) ``percival`` metadata: 0 where off or absent."""
+    return int(meta.get("samples") or 0)
 
 
 def store_folds(meta: dict) -> int:
@@ -78,6 +91,11 @@ class ReconstructionWriter:
                     o.create_array(name, np.float32, "element", attrs, big=True)
             for name, dt in GRID_ARRAYS.items():
                 o.create_array(f"grid_{name}", dt, "grid", big=True)
+            k = store_samples(provenance)
+            for prefix, dim in (("", "element"), ("grid_", "grid")) if k else ():
+                for name, attrs in SAMPLE_ARRAYS.items():
+                    o.create_array(prefix + name, np.float32, dim, attrs, big=True,
+                                   **({"width": k, "width_dim": "sample"} if name == "samples" else {}))
             o.create_array("shard_key", str, "completed_shard")
             o.commit()
         else:
@@ -93,7 +111,11 @@ class ReconstructionWriter:
             if store_folds(self.out.meta) != store_folds(provenance):
                 raise StoreError(f"{url} holds reconstructions with folds={store_folds(self.out.meta)}, not "
                                  f"{store_folds(provenance)}: choose another output or the same folds")
+            if store_samples(self.out.meta) != store_samples(provenance):
+                raise StoreError(f"{url} holds reconstructions with samples={store_samples(self.out.meta)}, not "
+                                 f"{store_samples(provenance)}: choose another output or the same samples")
         self.oos = bool(store_folds(self.out.meta))
+        self.samples = store_samples(self.out.meta)
         n = self.out.count("completed_shard")
         self.completed = set(self.out.group["shard_key"][:n].tolist()) if n else set()
 
@@ -124,8 +146,12 @@ class ReconstructionWriter:
                             "grid_row_size": rec["grid_row_size"], "latent": rec["latent"]})
         if self.oos and any(name not in rec for name in OOS_ARRAYS):
             raise StoreError(f"{o.url}: the store holds out-of-sample outputs, the shard has none")
-        o.append("element", {name: rec[name] for name in (*ELEMENT_ARRAYS, *(OOS_ARRAYS if self.oos else ()))})
-        o.append("grid", {f"grid_{name}": rec[f"grid_{name}"] for name in GRID_ARRAYS})
+        sampled = tuple(SAMPLE_ARRAYS) if self.samples else ()
+        if sampled and any(name not in rec for name in sampled):
+            raise StoreError(f"{o.url}: the store holds {self.samples} draws per element, the shard has none")
+        o.append("element", {name: rec[name] for name in (*ELEMENT_ARRAYS, *(OOS_ARRAYS if self.oos else ()),
+                                                          *sampled)})
+        o.append("grid", {f"grid_{name}": rec[f"grid_{name}"] for name in (*GRID_ARRAYS, *sampled)})
         o.append("completed_shard", {"shard_key": np.array([key], dtype=object)})
         o.commit()
         self.completed.add(key)
@@ -146,8 +172,8 @@ def _drop_leading_records(rec: dict[str, np.ndarray], k: int) -> dict[str, np.nd
         return rec
     e, g = int(rec["row_size"][:k].sum()), int(rec["grid_row_size"][:k].sum())
     out = {n: rec[n][k:] for n in ("record_id", "row_size", "grid_row_size", "latent")}
-    out |= {n: rec[n][e:] for n in (*ELEMENT_ARRAYS, *OOS_ARRAYS) if n in rec}
-    out |= {f"grid_{n}": rec[f"grid_{n}"][g:] for n in GRID_ARRAYS}
+    out |= {n: rec[n][e:] for n in (*ELEMENT_ARRAYS, *OOS_ARRAYS, *SAMPLE_ARRAYS) if n in rec}
+    out |= {f"grid_{n}": rec[f"grid_{n}"][g:] for n in (*GRID_ARRAYS, *SAMPLE_ARRAYS) if f"grid_{n}" in rec}
     return out
 
 
@@ -158,6 +184,7 @@ def reconstruction_arrays(r, row_size: np.ndarray) -> dict[str, np.ndarray]:
             "lower95": r.lower95, "upper95": r.upper95,
             "mean_normalised": r.mean_normalised, "sigma_normalised": r.sigma_normalised,
             **{name: getattr(r, name) for name in OOS_ARRAYS if getattr(r, name, None) is not None},
+            **{name: getattr(r, name) for name in SAMPLE_ARRAYS if getattr(r, name, None) is not None},
             **{f"grid_{k}": v for k, v in r.grid.items()}}
 
 
@@ -187,5 +214,7 @@ def open_reconstruction(url: str, storage_options: dict | None = None) -> dict:
            "content_hash": _zarr.content_hash(g)}
     out.update({name: g[name][:] for name in ELEMENT_ARRAYS if name in g})  # older stores lack the intervals
     out.update({name: g[name][:] for name in OOS_ARRAYS if name in g})
+    out.update({prefix + name: g[prefix + name][:] for name in SAMPLE_ARRAYS for prefix in ("", "grid_")
+                if prefix + name in g})
     out.update({f"grid_{name}": g[f"grid_{name}"][:] for name in GRID_ARRAYS if f"grid_{name}" in g})
     return out

@@ -94,6 +94,11 @@ class Reconstruction:
     mean_oos_normalised: np.ndarray | None = None
     sigma_oos_normalised: np.ndarray | None = None
     residual_z: np.ndarray | None = None  # (z - mean_oos_normalised) / sqrt(sigma_oos_normalised^2 + e^2)
+    #: with n_samples = K > 0: K draws per element (E, K; physical units), their mean and 2.5 / 97.5 % quantiles
+    samples: np.ndarray | None = None
+    samples_mean: np.ndarray | None = None
+    samples_lower95: np.ndarray | None = None
+    samples_upper95: np.ndarray | None = None
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -213,7 +218,7 @@ def _grid_queries(ds: ElementDataset, items: np.ndarray, spec: GridSpec, allowed
 
 def reconstruct(model: Percival, elements: ElementSet, channels: pd.DataFrame, grid: GridSpec | None = None,
                 max_tokens: int = 16_384, dtype: torch.dtype | None = None, folds: int = DEFAULT_FOLDS,
-                fold_seed: int = 0) -> Reconstruction:
+                fold_seed: int = 0, n_samples: int = 0, sample_seed: int = 0) -> Reconstruction:
     """Latents and reconstructions of every record of ``elements`` (see the module docstring), normalised
     and denormalised with the model's data contract (``channels``, the store's channel table, only says what
     the element channel codes mean). Elements of channels outside the contract get NaN outputs.
@@ -221,7 +226,15 @@ def reconstruct(model: Percival, elements: ElementSet, channels: pd.DataFrame, g
     ``folds`` (k) >= 2 adds the out-of-sample outputs (each element predicted with its fold of the record
     hidden, at about k times the encoder cost; default 5); 0 or 1 leaves them out. ``fold_seed`` seeds the
     per-record fold draw (:func:`fold_assignment`).
+
+    ``n_samples`` = K > 0 adds K draws of every element (every element visible) and of every grid point
+    (band-limited like the grid's mean), joint over a record's queries where the head models that
+    (:meth:`perceiver.heads.OutputHead.sample`), mapped to physical units draw by draw (so inside each
+    channel's valid range), with their mean and 2.5 / 97.5 % quantiles. The draws are seeded by
+    ``sample_seed`` and the batch: the same input and settings give the same draws.
     """
+    if n_samples < 0:
+        raise ValueError(f"n_samples must be >= 0, got {n_samples}")
     if folds < 0:
         raise ValueError(f"folds must be >= 0 (0 or 1: no out-of-sample outputs), got {folds}")
     grid = grid or GridSpec(n_times=0)
@@ -231,29 +244,36 @@ def reconstruct(model: Percival, elements: ElementSet, channels: pd.DataFrame, g
     latent = np.zeros((n_rec, model.config.sizes.d_latent), np.float32)
     mean_n = np.zeros(n_el, np.float32)
     sigma_n = np.zeros(n_el, np.float32)
+    draws_n = np.zeros((n_el, n_samples), np.float32)
     names = np.asarray(contract.channel_names)
     allowed = np.isin(names, grid.channels) if grid.channels is not None else np.ones(len(names), bool)
     grid_parts: dict[int, tuple] = {}
     batches = token_batches(ds.lengths, max_tokens, shuffle=False)
-    for items in batches:
+    for b, items in enumerate(batches):
         batch = ds.collate(items)
-        pred = predict(model, batch, dtype=dtype)
+        pred = predict(model, batch, dtype=dtype, n_samples=n_samples, seed=sample_seed + 2 * b)
         latent[items] = pred.latent.numpy()
         # batch elements are the records' elements in order: scatter them back by dataset position
         pos = ranges(ds.offsets[items], ds.lengths[items])
         mean_n[pos], sigma_n[pos] = pred.mean.numpy(), pred.sigma.numpy()
+        if n_samples:
+            draws_n[pos] = pred.samples.numpy().T
         if grid.n_times > 0 or grid.n_coords > 0:
             t, c, co, counts, on_curve, nyquist = _grid_queries(ds, items, grid, allowed)
-            g = predict(model, batch, Queries.from_arrays(t, c, co, counts), dtype=dtype)
-            g_mean, g_sigma = g.mean.numpy(), g.sigma.numpy()
+            g = predict(model, batch, Queries.from_arrays(t, c, co, counts), dtype=dtype, n_samples=n_samples,
+                        seed=sample_seed + 2 * b + 1)
+            g_draws = g.samples.numpy().T.copy() if n_samples else np.zeros((len(t), 0), np.float32)
+            curves = [g.mean.numpy(), g.sigma.numpy(), *g_draws.T]
             if grid.band_limit and on_curve.any():
                 dt = np.diff(t[on_curve].reshape(-1, grid.n_times)[:, :2], axis=1)[:, 0] if grid.n_times > 1 else 0
-                for x in (g_mean, g_sigma):
+                for x in curves:
                     x[on_curve] = band_limit(x[on_curve].reshape(-1, grid.n_times), dt, nyquist).ravel()
+            g_mean, g_sigma = curves[0], curves[1]
+            g_draws = np.stack(curves[2:], axis=1) if n_samples else g_draws
             bounds = np.concatenate([[0], np.cumsum(counts)])
             for k, i in enumerate(items):
                 s = slice(bounds[k], bounds[k + 1])
-                grid_parts[int(i)] = (t[s], c[s], co[s], g_mean[s], g_sigma[s])
+                grid_parts[int(i)] = (t[s], c[s], co[s], g_mean[s], g_sigma[s], g_draws[s])
     def aligned(x: np.ndarray, fill=np.nan) -> np.ndarray:
         """Per dataset element -> per input element (``fill`` for elements of channels outside the contract)."""
         if n_el == elements.n_elements:
@@ -270,6 +290,10 @@ def reconstruct(model: Percival, elements: ElementSet, channels: pd.DataFrame, g
                          sigma_normalised=aligned(sigma_n),
                          grid_row_size=np.array([len(grid_parts[i][0]) if i in grid_parts else 0
                                                  for i in range(n_rec)], np.int64))
+    if n_samples:
+        draws = _physical_draws(draws_n, ds.channel, contract)
+        out.samples = np.stack([aligned(d) for d in draws.T], axis=1)
+        out.samples_mean, out.samples_lower95, out.samples_upper95 = (aligned(x) for x in _draw_summary(draws))
     if folds >= 2:
         fold = fold_assignment(out.record_id, ds.lengths, folds, fold_seed)
         m_oos, s_oos = _out_of_sample(model, ds, batches, fold, folds, dtype)
@@ -281,7 +305,7 @@ def reconstruct(model: Percival, elements: ElementSet, channels: pd.DataFrame, g
         out.residual_z = aligned(((ds.value - m_oos) / np.sqrt(s_oos**2 + e**2)).astype(np.float32))
     parts = [grid_parts[i] for i in range(n_rec) if i in grid_parts]
     if parts:
-        t, c, co, m, s = (np.concatenate(x) for x in zip(*parts, strict=True))
+        t, c, co, m, s, d = (np.concatenate(x) for x in zip(*parts, strict=True))
         gm, gs = denormalise(m, s, c, contract)
         gl, gu = interval(m, s, c, contract)
         out.grid = {"time": t, "channel": ds.store_channel[c].astype(np.int16), "coord": co, "mean": gm,
@@ -289,4 +313,24 @@ def reconstruct(model: Percival, elements: ElementSet, channels: pd.DataFrame, g
     else:
         out.grid = {"time": np.zeros(0), "channel": np.zeros(0, np.int16), "coord": np.zeros(0, np.float32),
                     **{k: np.zeros(0, np.float32) for k in ("mean", "sigma", "lower95", "upper95")}}
+        c, d = np.zeros(0, np.int64), np.zeros((0, n_samples), np.float32)
+    if n_samples:
+        draws = _physical_draws(d, c, contract)
+        out.grid |= {"samples": draws, **dict(zip(("samples_mean", "samples_lower95", "samples_upper95"),
+                                                  _draw_summary(draws), strict=True))}
     return out
+
+
+def _physical_draws(draws: np.ndarray, channel: np.ndarray, contract) -> np.ndarray:
+    """Normalised draws (N, K) in physical units, draw by draw (inside each channel's valid range)."""
+    return np.stack([denormalise(d, np.zeros_like(d), channel, contract)[0] for d in draws.T], axis=1
+                    ).astype(np.float32).reshape(draws.shape)
+
+
+def _draw_summary(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The mean and the 2.5 / 97.5 % quantiles of draws (N, K), per row."""
+    if draws.shape[0] == 0:
+        return tuple(np.zeros(0, np.float32) for _ in range(3))
+    with np.errstate(invalid="ignore", over="ignore"):
+        lo, hi = np.quantile(draws, [0.025, 0.975], axis=1)
+        return draws.mean(1).astype(np.float32), lo.astype(np.float32), hi.astype(np.float32)
