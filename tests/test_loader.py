@@ -212,3 +212,30 @@ def test_masked_collate_is_seeded(data):
     assert np.array_equal(a.target.numpy(), b.target.numpy())
     with pytest.raises(ValueError, match="rng"):
         ds.collate([1], cfg)
+
+
+def test_per_modality_dropout_rates_and_keeping_one_modality():
+    """``modality_rates``: each modality dropped at about its own rate (never all, never none); ``keep_one``:
+    every modality but one dropped."""
+    rng = np.random.default_rng(7)
+    offsets, modality, time = _records(4000, rng)
+    names = ["photometry", "spectrum", "static"]
+    cfg = MaskingConfig(modality_dropout=1.0, autoencode=0.0, modality_rates={"photometry": 0.1, "spectrum": 0.7})
+    plan = plan_masks(offsets, modality, time, np.random.default_rng(1), cfg, names)
+    dropped = np.zeros((len(offsets) - 1, 3), bool)
+    present = np.zeros_like(dropped)
+    record = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    present[record, modality] = True
+    dropped[record[~plan.visible], modality[~plan.visible]] = True
+    full = present.all(1) & (plan.mode == MODALITY_DROPOUT)
+    rates = dropped[full].mean(0)
+    assert rates[0] < 0.2 < 0.4 < rates[2] < 0.65 < rates[1]  # ~0.1, ~0.5 (unnamed), ~0.7 before the fixes
+    assert (dropped[full].sum(1) >= 1).all() and (dropped[full].sum(1) <= 2).all()
+    one = plan_masks(offsets, modality, time, np.random.default_rng(2),
+                     MaskingConfig(modality_dropout=1.0, autoencode=0.0, keep_one=1.0), names)
+    kept = np.zeros_like(present)
+    kept[record[one.visible], modality[one.visible]] = True
+    assert (kept[one.mode == MODALITY_DROPOUT].sum(1) == 1).all()
+    with pytest.raises(ValueError, match="does not have"):
+        plan_masks(offsets, modality, time, np.random.default_rng(1), MaskingConfig(modality_rates={"x": 0.5}),
+                   names)

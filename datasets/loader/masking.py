@@ -8,7 +8,11 @@ record:
     every element is visible and every element is a target.
 ``modality_dropout``
     (records with at least two modalities) a random non-empty proper subset of the record's modalities is
-    hidden from the encoder; their elements are the targets. At least one modality is always kept.
+    hidden from the encoder; their elements are the targets. At least one modality is always kept. By default
+    the subset is uniform over its size; with ``modality_rates`` each modality is dropped with its own
+    probability (as daep trains: a spectrum more often than photometry, say; a draw that drops none drops the
+    likeliest one, one that drops all keeps the least likely one); with probability ``keep_one`` all but one
+    modality (chosen uniformly) are dropped instead.
 ``forecast``
     (records with at least two distinct times) the elements after a random cut time are hidden and become
     targets; static elements stay visible.
@@ -21,7 +25,7 @@ with a single element is auto-encoded).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -43,8 +47,16 @@ class MaskingConfig:
     forecast: float = 0.0
     #: probability per record of full auto-encoding (all visible, all targets)
     autoencode: float = 0.05
+    #: in modality-dropout mode: each named modality's own dropout probability (empty: a uniform subset)
+    modality_rates: dict[str, float] = field(default_factory=dict)
+    #: in modality-dropout mode: the probability of dropping every modality but one (chosen uniformly)
+    keep_one: float = 0.0
 
     def __post_init__(self) -> None:
+        bad = {k: v for k, v in self.modality_rates.items() if not 0.0 <= float(v) <= 1.0}
+        if bad or not 0.0 <= self.keep_one <= 1.0:
+            raise ValueError(f"modality_rates and keep_one must be probabilities in [0, 1], got "
+                             f"{bad or self.keep_one}")
         if not 0.0 < self.holdout < 1.0:
             raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
         total = self.modality_dropout + self.forecast + self.autoencode
@@ -70,8 +82,9 @@ def _segment_rank(record: np.ndarray, keys: np.ndarray, offsets: np.ndarray) -> 
 
 
 def plan_masks(offsets: np.ndarray, modality: np.ndarray, time: np.ndarray, rng: np.random.Generator,
-               config: MaskingConfig) -> MaskPlan:
-    """Draw a masking plan for packed records (``offsets`` of length B+1, element ``modality`` and ``time``).
+               config: MaskingConfig, modalities: list[str] | None = None) -> MaskPlan:
+    """Draw a masking plan for packed records (``offsets`` of length B+1, element ``modality`` and ``time``;
+    ``modalities``: the names of the modality indices, which ``config.modality_rates`` refers to).
 
     Deterministic given the state of ``rng``: the training loop seeds it from (seed, epoch, batch number), so
     a resumed run draws the same plans as an uninterrupted one.
@@ -116,13 +129,13 @@ def plan_masks(offsets: np.ndarray, modality: np.ndarray, time: np.ndarray, rng:
     fc = (emode == FORECAST) & finite
     hidden[fc] = time[fc] > cut[record[fc]]
 
-    # modality dropout: drop a random non-empty proper subset of the record's modalities.
-    for r in np.flatnonzero(mode == MODALITY_DROPOUT):
-        s = slice(offsets[r], offsets[r + 1])
-        present = np.unique(modality[s])
-        n_drop = rng.integers(1, len(present))
-        dropped = rng.choice(present, size=n_drop, replace=False)
-        hidden[s] = np.isin(modality[s], dropped)
+    # modality dropout: drop a non-empty proper subset of the record's modalities (vectorised over records).
+    dropping = np.flatnonzero(mode == MODALITY_DROPOUT)
+    if len(dropping):
+        drop = _dropped_modalities(dropping, record, modality, rng, c, modalities)
+        sel = np.isin(record, dropping)
+        row = np.searchsorted(dropping, record[sel])
+        hidden[sel] = drop[row, modality[sel]]
 
     visible = ~hidden
     target = hidden.copy()
@@ -137,6 +150,35 @@ def plan_masks(offsets: np.ndarray, modality: np.ndarray, time: np.ndarray, rng:
         target[fix] = True
         mode[bad] = AUTOENCODE
     return MaskPlan(visible=visible, target=target, mode=mode)
+
+
+def _dropped_modalities(records: np.ndarray, record: np.ndarray, modality: np.ndarray, rng: np.random.Generator,
+                        c: MaskingConfig, modalities: list[str] | None) -> np.ndarray:
+    """Which modalities (columns) each of ``records`` (rows, each with two or more modalities) drops."""
+    n_mod = int(modality.max()) + 1
+    present = np.zeros((len(records), n_mod), bool)
+    sel = np.isin(record, records)
+    present[np.searchsorted(records, record[sel]), modality[sel]] = True
+    count = present.sum(1)
+    # a random order of each row's present modalities: rank 0 .. count - 1 (absent ones last)
+    rank = np.argsort(np.argsort(np.where(present, rng.random(present.shape), np.inf), axis=1), axis=1)
+    if c.modality_rates:
+        unknown = set(c.modality_rates) - set(modalities or [])
+        if unknown:
+            raise ValueError(f"masking.modality_rates names modalities {sorted(unknown)} the data does not have "
+                             f"(it has {modalities})")
+        rate = np.array([float(c.modality_rates.get(m, 0.5)) for m in modalities[:n_mod]] + [0.5] * (n_mod - len(
+            modalities)))
+        drop = present & (rng.random(present.shape) < rate)
+        score = np.where(present, rate, np.nan)
+        none, every = ~drop.any(1), (drop == present).all(1)
+        drop[none, np.nanargmax(score[none], axis=1)] = True  # drops none: drop the likeliest
+        drop[every, np.nanargmin(score[every], axis=1)] = False  # drops all: keep the least likely
+    else:
+        drop = present & (rank < rng.integers(1, np.maximum(count, 2))[:, None])  # 1 .. count - 1 of them
+    keep_one = rng.random(len(records)) < c.keep_one
+    drop[keep_one] = present[keep_one] & (rank[keep_one] > 0)
+    return drop
 
 
 def full_plan(offsets: np.ndarray) -> MaskPlan:
