@@ -75,6 +75,27 @@ def outside_valid_range(store_url: str, checkpoint: str, split: str, n_times: in
     return out
 
 
+def sampling_cost(store_url: str, checkpoint: str, split: str, n_samples: int = 16) -> dict:
+    """Seconds to reconstruct every element of ``split`` once (one pass, no grid, no folds) and with
+    ``n_samples`` draws of each (what ``reconstruct --samples`` adds), in this process."""
+    from datasets.store import open_store
+    from pipelines.run.config import load_run
+    from pipelines.run.reconstruction import GridSpec, reconstruct
+
+    store = open_store(store_url)
+    model, _ = load_run(checkpoint)
+    ids = store.records["record_id"][store.records["split"] == split].astype(str).tolist()
+    elements = store.select(ids)
+    seconds = {}
+    for k in (0, n_samples):
+        t0 = time.perf_counter()
+        reconstruct(model, elements, store.channels, GridSpec(n_times=0), folds=0, n_samples=k)
+        seconds[k] = time.perf_counter() - t0
+    return {"head": model.config.head.name, "records": len(ids), "elements": int(elements.n_elements),
+            "one_pass_s": round(seconds[0], 1), f"with_{n_samples}_samples_s": round(seconds[n_samples], 1),
+            "ratio": round(seconds[n_samples] / seconds[0], 2)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
@@ -134,6 +155,7 @@ def main() -> int:
         t0 = time.perf_counter()
         res["outside_valid_range"] = outside_valid_range(store, str(d / "model"), args.split)
         res["outside_valid_range"]["seconds"] = round(time.perf_counter() - t0, 1)
+        res["sampling_cost"] = sampling_cost(store, str(d / "model"), args.split)
         results["datasets"][name] = res
         print(f"\n== {name}: {json.dumps(res['protocols'], indent=1, default=str)[:4000]}\n"
               f"   tables: {ev['markdown']}", flush=True)

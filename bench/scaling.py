@@ -8,14 +8,18 @@ and a static one), two configurations of the default ``small`` preset:
 
 - ``default``: the shipped decoder (neighbour and snapshot features, bounded local attention);
 - ``latents_only``: the same model with every decoder addition off (queries read the latents only), the
-  Perceiver IO reference.
+  Perceiver IO reference;
+- ``diffusion`` (with ``--configs``): the default model with the generative head.
 
-and two jobs, each in its own process on one thread (peak memory = that process's peak RSS growth over its RSS
-before the job):
+and up to three jobs (``--jobs``; default the first two), each in its own process on one thread (peak memory =
+that process's peak RSS growth over its RSS before the job):
 
 - ``inference``: :func:`perceiver.queries.predict` of every element with every element visible (what
   ``percival reconstruct`` asks per record): N encoder inputs, N queries;
-- ``training``: one forward + backward step with 30 % of the elements hidden (0.7 N inputs, 0.3 N queries).
+- ``training``: one forward + backward step with 30 % of the elements hidden (0.7 N inputs, 0.3 N queries);
+- ``sampling``: ``inference`` plus :data:`N_SAMPLES` draws of every element (``reconstruct --samples 16``).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/scaling.py --configs diffusion --jobs inference sampling
 
 Time is the fastest of ``--repeats`` runs after a warm-up. The exponent is the least-squares slope of
 log(time) and log(memory) against log(N): 1 is linear, 2 quadratic. Prints a table and a final JSON line; with
@@ -40,8 +44,10 @@ from machine import cpu_model, git_commit  # noqa: E402  (bench/machine.py, besi
 
 LENGTHS = (1000, 2000, 4000, 8000, 16000, 32000, 64000)
 CONFIGS = {"default": {}, "latents_only": {"decoder_local_heads": 0, "decoder_neighbours": False,
-                                           "decoder_snapshot": False}}
-JOBS = ("inference", "training")
+                                           "decoder_snapshot": False},
+           "diffusion": {"head": {"name": "diffusion"}}}
+JOBS = ("inference", "training", "sampling")
+N_SAMPLES = 16
 
 
 def rss_gib() -> float:
@@ -67,11 +73,12 @@ def run_case(config_name: str, job: str, n: int, repeats: int) -> dict:
     config = ModelConfig.preset("small", contract=contract, **CONFIGS[config_name])
     torch.manual_seed(0)
     model = Percival(config)
-    if job == "inference":
+    if job in ("inference", "sampling"):
         batch = ds.collate([0])
+        k = N_SAMPLES if job == "sampling" else 0
 
         def run() -> None:
-            predict(model, batch)
+            predict(model, batch, n_samples=k)
     else:
         masking = MaskingConfig(holdout=0.3, modality_dropout=0.0, forecast=0.0, autoencode=0.0)
         batch = ds.collate([0], masking, np.random.default_rng(0))
@@ -120,6 +127,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="lengths 10^3 .. 8x10^3, 2 repeats")
     ap.add_argument("--out", default=None, help="write the JSON result here too")
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=["default", "latents_only"])
+    ap.add_argument("--jobs", nargs="+", choices=list(JOBS), default=["inference", "training"])
     args = ap.parse_args()
     if args.case:
         name, job, n = args.case
@@ -130,8 +139,8 @@ def main() -> None:
     print(f"CPU: {cpu_model()}; 1 thread; commit {git_commit()}", flush=True)
     rows = []
     for n in lengths:
-        for job in JOBS:
-            for name in CONFIGS:
+        for job in args.jobs:
+            for name in args.configs:
                 r = spawn(name, job, n, repeats)
                 rows.append(r)
                 if "error" in r:
@@ -141,8 +150,8 @@ def main() -> None:
                           f"{r['time_s'] / r['n'] * 1e6:7.2f} us/element  {r['mem_gib'] * 1024:8.1f} MiB",
                           flush=True)
     summary = {}
-    for job in JOBS:
-        for name in CONFIGS:
+    for job in args.jobs:
+        for name in args.configs:
             ok = [r for r in rows if r["config"] == name and r["job"] == job and "error" not in r]
             ns = [r["n"] for r in ok]
             summary[f"{name}.{job}"] = {"time_exponent": exponent(ns, [r["time_s"] for r in ok]),
@@ -150,9 +159,15 @@ def main() -> None:
                                         "largest_n": max(ns, default=None),
                                         "time_at_largest_s": ok[-1]["time_s"] if ok else None,
                                         "mem_at_largest_gib": ok[-1]["mem_gib"] if ok else None}
-        d, lo = summary[f"default.{job}"], summary[f"latents_only.{job}"]
-        if d["time_at_largest_s"] and lo["time_at_largest_s"]:
+        d, lo = summary.get(f"default.{job}"), summary.get(f"latents_only.{job}")
+        if d and lo and d["time_at_largest_s"] and lo["time_at_largest_s"]:
             d["time_vs_latents_only_at_largest"] = d["time_at_largest_s"] / lo["time_at_largest_s"]
+    for name in args.configs:  # K draws against one pass of the same model, per length
+        pairs = [(a["n"], b["time_s"] / a["time_s"]) for a in rows for b in rows
+                 if a["config"] == b["config"] == name and a["job"] == "inference" and b["job"] == "sampling"
+                 and a["n"] == b["n"] and "error" not in a and "error" not in b]
+        if pairs:
+            summary[f"{name}.sampling"]["time_vs_inference"] = dict(pairs)
     print("\nconfiguration.job          time exponent  memory exponent  at largest N")
     for key, s in summary.items():
         te, me = s["time_exponent"], s["memory_exponent"]
