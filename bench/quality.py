@@ -6,7 +6,8 @@
 For each dataset: ingest from ../shared/data, train (``--steps`` steps of the ``--preset`` model on the train
 split; a model already trained in ``OUT`` with the same settings is resumed, i.e. reused), evaluate on
 ``--split`` with the fixed seeded protocols of ``percival evaluate`` -- (a) 30 % of elements hidden at random,
-and for PhysioNet (b) the labs hidden from vitals and static -- scored on the same hidden elements for the model
+for PhysioNet (b) the labs hidden from vitals and static, for PLAsTiCC (c) the u band hidden from the others --
+scored on the same hidden elements for the model
 and every baseline (channel mean, per-record mean, forward fill, linear interpolation, gradient boosting
 trained on the train split with the decoder's evidence). Choices are made on ``val``; ``test`` is scored once
 per configuration that is reported.
@@ -35,7 +36,7 @@ from machine import cpu_model, git_commit  # noqa: E402  (bench/machine.py, besi
 from pipelines.options import scoped  # noqa: E402
 
 DATASETS = {"physionet2019": ("physionet2019", ("holdout", "modality:labs")),
-            "plasticc": ("plasticc", ("holdout",))}
+            "plasticc": ("plasticc", ("holdout", "channel:lsst_u"))}
 
 
 def dataset_settings(name: str, steps: list[str], sets: list[str]) -> tuple[int, list[str]]:
@@ -144,13 +145,14 @@ def main() -> int:
                "overrides": overrides, "steps": trained["steps"], "train_loss": trained["train_loss"], "protocols": {}}
         for p in doc["protocols"]:
             overall = {k: v.get("overall", {}) for k, v in p["metrics"].items()}
+            distribution = p.get("distribution", {})
             model_mse = overall["model"].get("mse")
             res["protocols"][p["protocol"]] = {
                 "split": p["score_split"], "n_elements": p["n_elements"], "n_records": p["n_records"],
                 "overall": overall,
                 "model_mse_vs": {k: (model_mse / v["mse"] if model_mse is not None and v.get("mse") else None)
                                  for k, v in overall.items() if k != "model"},
-                "evidence": p.get("evidence", {})}
+                "evidence": p.get("evidence", {}), "distribution": distribution}
         res["sub_nyquist_rms"] = doc.get("sub_nyquist_rms", {})
         t0 = time.perf_counter()
         res["outside_valid_range"] = outside_valid_range(store, str(d / "model"), args.split)

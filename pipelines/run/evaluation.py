@@ -420,7 +420,8 @@ def distribution_scores(value: np.ndarray, error: np.ndarray, channel: np.ndarra
                         channel_modality: np.ndarray, modalities: list[str], seed: int = 0) -> dict:
     """Proper scores (:mod:`pipelines.run.scores`) of every method's predictive distribution on the hidden
     elements: ``crps_gaussian`` (its mean and ``sqrt(sigma^2 + e^2)``; overall and per modality) for every
-    method; for the model with ``samples`` (K, N) also the sample CRPS, the mean energy score per record,
+    method; for the model with ``samples`` (K, N) also the sample CRPS, the MSE of the draws' mean, the mean
+    energy score per record,
     the same for K independent Gaussian draws from its own marginals (seeded), and the coverage of the
     samples' central 50 / 90 / 95 % intervals."""
     e2 = np.nan_to_num(np.asarray(error, np.float64), nan=0.0) ** 2
@@ -443,6 +444,7 @@ def distribution_scores(value: np.ndarray, error: np.ndarray, channel: np.ndarra
         scored = np.bincount(record, minlength=n_records) > 0
         model = out["methods"]["model"]
         model["crps_samples"] = by_modality(crps_samples(value, samples))
+        model["mse_sample_mean"] = by_modality((samples.mean(0) - value) ** 2)
         model["energy_score"] = float(np.mean(energy_score(value, samples, record, n_records)[scored]))
         model["energy_score_independent"] = float(np.mean(energy_score(value, independent, record, n_records)[scored]))
         model["energy_score_vs_independent"] = model["energy_score"] / model["energy_score_independent"]
