@@ -421,9 +421,8 @@ def distribution_scores(value: np.ndarray, error: np.ndarray, channel: np.ndarra
     """Proper scores (:mod:`pipelines.run.scores`) of every method's predictive distribution on the hidden
     elements: ``crps_gaussian`` (its mean and ``sqrt(sigma^2 + e^2)``; overall and per modality) for every
     method; for the model with ``samples`` (K, N) also the sample CRPS, the MSE of the draws' mean, the mean
-    energy score per record,
-    the same for K independent Gaussian draws from its own marginals (seeded), and the coverage of the
-    samples' central 50 / 90 / 95 % intervals."""
+    energy score per record, the same for K independent Gaussian draws from its own marginals (seeded), and
+    the coverage of the samples' central 50 / 90 / 95 % intervals."""
     e2 = np.nan_to_num(np.asarray(error, np.float64), nan=0.0) ** 2
     modality = channel_modality[channel]
 

@@ -251,7 +251,8 @@ def reconstruct(model: Percival, elements: ElementSet, channels: pd.DataFrame, g
     batches = token_batches(ds.lengths, max_tokens, shuffle=False)
     for b, items in enumerate(batches):
         batch = ds.collate(items)
-        pred = predict(model, batch, dtype=dtype, n_samples=n_samples, seed=sample_seed + 2 * b)
+        seeds = np.random.SeedSequence([sample_seed, b]).generate_state(2)  # elements, grid: distinct streams
+        pred = predict(model, batch, dtype=dtype, n_samples=n_samples, seed=int(seeds[0]))
         latent[items] = pred.latent.numpy()
         # batch elements are the records' elements in order: scatter them back by dataset position
         pos = ranges(ds.offsets[items], ds.lengths[items])
@@ -261,7 +262,7 @@ def reconstruct(model: Percival, elements: ElementSet, channels: pd.DataFrame, g
         if grid.n_times > 0 or grid.n_coords > 0:
             t, c, co, counts, on_curve, nyquist = _grid_queries(ds, items, grid, allowed)
             g = predict(model, batch, Queries.from_arrays(t, c, co, counts), dtype=dtype, n_samples=n_samples,
-                        seed=sample_seed + 2 * b + 1)
+                        seed=int(seeds[1]))
             g_draws = g.samples.numpy().T.copy() if n_samples else np.zeros((len(t), 0), np.float32)
             curves = [g.mean.numpy(), g.sigma.numpy(), *g_draws.T]
             if grid.band_limit and on_curve.any():
