@@ -83,13 +83,14 @@ class _Bounds:
         return lower, self.has_hi & ~lower, d_lo, d_hi
 
     def forward(self, v: np.ndarray) -> np.ndarray:
-        lower, upper, d_lo, d_hi = self._distances(v)
-        u = np.where(lower, soft_log(d_lo, self.w), v)
-        return np.where(upper, self.top - soft_log(d_hi, self.w), u)
+        return self.forward_and_slope(v)[0]
 
-    def slope(self, v: np.ndarray) -> np.ndarray:
+    def forward_and_slope(self, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``B(v)`` and ``B'(v)`` from one pass over the distances to the bounds."""
         lower, upper, d_lo, d_hi = self._distances(v)
-        return np.where(lower, _soft_log_slope(d_lo, self.w), np.where(upper, _soft_log_slope(d_hi, self.w), 1.0))
+        u = np.where(upper, self.top - soft_log(d_hi, self.w), np.where(lower, soft_log(d_lo, self.w), v))
+        slope = np.where(lower, _soft_log_slope(d_lo, self.w), np.where(upper, _soft_log_slope(d_hi, self.w), 1.0))
+        return u, slope
 
     def inverse(self, u: np.ndarray) -> np.ndarray:
         lower = self.has_lo & (~self.has_hi | (u <= self.mid))
@@ -129,14 +130,20 @@ def transform(value: np.ndarray, kind: np.ndarray | str, softening: np.ndarray |
     return np.where(asinh, np.arcsinh(u / s), u)
 
 
+def transform_and_derivative(value: np.ndarray, kind: np.ndarray | str, softening: np.ndarray | float,
+                             bounds: _Bounds | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``T(v)`` and ``|T'(v)|`` elementwise (the bounds map ``B`` evaluated once for both)."""
+    v = np.asarray(value, dtype=np.float64)
+    u, slope = (v, 1.0) if bounds is None else bounds.forward_and_slope(v)
+    asinh = np.asarray(kind) == "asinh"
+    s = np.where(asinh, softening, 1.0)
+    return np.where(asinh, np.arcsinh(u / s), u), slope * np.where(asinh, 1.0 / np.sqrt(s * s + u * u), 1.0)
+
+
 def derivative(value: np.ndarray, kind: np.ndarray | str, softening: np.ndarray | float,
                bounds: _Bounds | None = None) -> np.ndarray:
     """``|T'(v)|`` elementwise (1 for an unbounded identity channel)."""
-    v = np.asarray(value, dtype=np.float64)
-    u, slope = (v, 1.0) if bounds is None else (bounds.forward(v), bounds.slope(v))
-    asinh = np.asarray(kind) == "asinh"
-    s = np.where(asinh, softening, 1.0)
-    return slope * np.where(asinh, 1.0 / np.sqrt(s * s + u * u), 1.0)
+    return transform_and_derivative(value, kind, softening, bounds)[1]
 
 
 def channel_statistics(channel: np.ndarray, value: np.ndarray, error: np.ndarray, table: pd.DataFrame,
@@ -205,8 +212,9 @@ def normalise(value: np.ndarray, error: np.ndarray, channel: np.ndarray, table
     """Normalised values and errors (NaN errors stay NaN) for elements of the given channels (indices into
     ``table``: a data contract, or a store's channel table)."""
     kind, soft, bounds, loc, scale = _columns(table, channel)
-    z = (transform(value, kind, soft, bounds) - loc) / scale
-    sz = derivative(value, kind, soft, bounds) * np.asarray(error, np.float64) / scale
+    t, slope = transform_and_derivative(value, kind, soft, bounds)
+    z = (t - loc) / scale
+    sz = slope * np.asarray(error, np.float64) / scale
     return z.astype(np.float32), sz.astype(np.float32)
 
 
