@@ -47,6 +47,10 @@ def test_band_limit_passes_slow_and_removes_fast_periods():
     assert np.abs(out[0] - slow)[inner].max() < 0.1  # period 16 kept (gain 0.99), period 1 removed
     assert np.array_equal(out[1], slow)  # no period known: unchanged
     np.testing.assert_allclose(out[2], 1.0)  # a constant stays constant, ends included
+    stacked = band_limit(np.stack([slow + fast, 2 * slow], axis=-1)[None], np.array([dt]), np.array([4.0]))
+    np.testing.assert_allclose(stacked[0, :, 0], out[0], atol=1e-12)  # curves stacked on a last axis: each one alike
+    np.testing.assert_allclose(stacked[0, :, 1], 2 * band_limit(slow[None], np.array([dt]), np.array([4.0]))[0],
+                               atol=1e-12)
 
 
 def test_grids_of_smooth_aperiodic_records_invent_no_rhythm(tmp_path):

@@ -263,14 +263,14 @@ def reconstruct(model: Percival, elements: ElementSet, channels: pd.DataFrame, g
             t, c, co, counts, on_curve, nyquist = _grid_queries(ds, items, grid, allowed)
             g = predict(model, batch, Queries.from_arrays(t, c, co, counts), dtype=dtype, n_samples=n_samples,
                         seed=int(seeds[1]))
-            g_draws = g.samples.numpy().T.copy() if n_samples else np.zeros((len(t), 0), np.float32)
-            curves = [g.mean.numpy(), g.sigma.numpy(), *g_draws.T]
+            draws = g.samples.numpy().T if n_samples else np.zeros((len(t), 0), np.float32)
+            # per grid point: mean, sigma, then the draws (band-limited together: one kernel per curve)
+            values = np.column_stack([g.mean.numpy(), g.sigma.numpy(), draws]).astype(np.float32)
             if grid.band_limit and on_curve.any():
                 dt = np.diff(t[on_curve].reshape(-1, grid.n_times)[:, :2], axis=1)[:, 0] if grid.n_times > 1 else 0
-                for x in curves:
-                    x[on_curve] = band_limit(x[on_curve].reshape(-1, grid.n_times), dt, nyquist).ravel()
-            g_mean, g_sigma = curves[0], curves[1]
-            g_draws = np.stack(curves[2:], axis=1) if n_samples else g_draws
+                values[on_curve] = band_limit(values[on_curve].reshape(-1, grid.n_times, values.shape[1]), dt,
+                                              nyquist).reshape(-1, values.shape[1])
+            g_mean, g_sigma, g_draws = values[:, 0], values[:, 1], values[:, 2:]
             bounds = np.concatenate([[0], np.cumsum(counts)])
             for k, i in enumerate(items):
                 s = slice(bounds[k], bounds[k + 1])

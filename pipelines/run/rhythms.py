@@ -60,10 +60,10 @@ _BLOCK = 512
 
 
 def band_limit(curves: np.ndarray, dt: np.ndarray, min_period: np.ndarray) -> np.ndarray:
-    """Rows of ``curves`` (n, G; row i sampled every ``dt[i]``) smoothed by a twiced Gaussian kernel (Tukey's
-    twicing, ``2 G - G G``: gain ``1 - (1 - g)^2`` where the Gaussian's is ``g``) of standard deviation
-    :data:`BAND_LIMIT_FRACTION` ``* min_period[i]``, renormalised at the curve's ends; rows whose
-    ``min_period`` or ``dt`` is not a positive number are returned unchanged."""
+    """Rows of ``curves`` (n, G; or n, G, m: m curves on the same times; row i sampled every ``dt[i]``)
+    smoothed by a twiced Gaussian kernel (Tukey's twicing, ``2 G - G G``: gain ``1 - (1 - g)^2`` where the
+    Gaussian's is ``g``) of standard deviation :data:`BAND_LIMIT_FRACTION` ``* min_period[i]``, renormalised at
+    the curve's ends; rows whose ``min_period`` or ``dt`` is not a positive number are returned unchanged."""
     curves = np.asarray(curves, np.float64)
     out = curves.copy()
     g = curves.shape[1]
@@ -75,8 +75,8 @@ def band_limit(curves: np.ndarray, dt: np.ndarray, min_period: np.ndarray) -> np
         r = rows[a:a + _BLOCK]
         w = np.exp(-0.5 * (lag[None] / sd[r, None, None]) ** 2)
         w /= w.sum(-1, keepdims=True)
-        once = np.einsum("cij,cj->ci", w, curves[r])
-        out[r] = 2 * once - np.einsum("cij,cj->ci", w, once)  # twicing: 1 - (1 - G)^2, flatter above the cut
+        once = np.einsum("cij,cj...->ci...", w, curves[r])
+        out[r] = 2 * once - np.einsum("cij,cj...->ci...", w, once)  # twicing: 1 - (1 - G)^2, flatter above the cut
     return out
 
 
