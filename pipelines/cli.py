@@ -97,13 +97,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipelines.evaluate import evaluate_flow
 
     with prefect_env.api():
-        if args.head is not None:
-            from perceiver.checkpoint import read_model_config
-            from pipelines.reconstruct import check_head
-
-            check_head(args.checkpoint, read_model_config(args.checkpoint).head.name, args.head)
         summary = evaluate_flow(args.store, args.checkpoint, args.out, protocols=tuple(args.protocol or ("holdout",)),
-                                seed=args.seed, max_records=args.max_records, split=args.split, samples=args.samples)
+                                seed=args.seed, max_records=args.max_records, split=args.split, samples=args.samples,
+                                head=args.head)
     print(Path(summary["markdown"]).read_text())
     return 0
 

@@ -40,16 +40,19 @@ MAX_EMBEDDED_PNG = 512 * 1024
 
 
 @task(name="plan", task_run_name="plan")
-def plan_task(store: str, checkpoint: str, protocols: list[str]) -> list[str]:
+def plan_task(store: str, checkpoint: str, protocols: list[str], head: str | None = None) -> list[str]:
     """The protocols' canonical names, after checking them against the store and the checkpoint's data
-    contract."""
+    contract (and the checkpoint's output head against ``head``, where given)."""
     from datasets.loader import match_channels
     from datasets.store import open_store
     from perceiver.checkpoint import read_model_config
+    from pipelines.reconstruct import check_head
     from pipelines.run.protocols import Protocol
 
     s = open_store(store)
-    contract = read_model_config(checkpoint).contract
+    config = read_model_config(checkpoint)
+    check_head(checkpoint, config.head.name, head)
+    contract = config.contract
     match_channels(contract, s.channels, store)  # the model-matches-store check, before any work
     have = contract.modalities
     names = []
@@ -187,15 +190,16 @@ def _ratio(result) -> float | None:
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(store: str, checkpoint: str, out_dir: str, protocols: tuple[str, ...] | list[str] = (
         "holdout", "modality:labs"), seed: int = 0, max_records: int | None = None, split: str = "test",
-        gradient_boost_elements: int | None = None, samples: int = 16) -> dict:
+        gradient_boost_elements: int | None = None, samples: int = 16, head: str | None = None) -> dict:
     """Evaluate the checkpoint in ``checkpoint`` on the store at ``store`` under each protocol (``holdout``,
     ``holdout:FRACTION``, ``modality:NAME``) on the ``split`` split (``test``, or ``val`` to choose models and
     settings); write ``evaluation.md``, ``evaluation.json`` and PNG plots into ``out_dir``; publish them as
     artifacts. ``max_records`` limits each split to its first records (a quick look);
     ``gradient_boost_elements`` caps the gradient-boost baseline's training elements (default
     :data:`pipelines.run.baselines.GRADIENT_BOOST_MAX_ELEMENTS`); ``samples`` draws per hidden element score
-    the model's distribution (CRPS, energy score, sample coverage). Returns a small summary: files, the split,
-    and per protocol the counts and the overall MSE per method."""
+    the model's distribution (CRPS, energy score, sample coverage); ``head``, where given, must be the
+    checkpoint's output head. Returns a small summary: files, the split, and per protocol the counts and the
+    overall MSE per method."""
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     if samples < 1:
@@ -203,7 +207,7 @@ def evaluate_flow(store: str, checkpoint: str, out_dir: str, protocols: tuple[st
     t0 = time.perf_counter()
     logger = get_run_logger()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    names = plan_task(store, checkpoint, list(protocols))
+    names = plan_task(store, checkpoint, list(protocols), head)
     means = channel_means_task(store, checkpoint)
     results, plots = [], {}
     for name in names:

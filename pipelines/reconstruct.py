@@ -120,7 +120,7 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
     if folds < 0:
         raise ValueError(f"folds must be >= 0 (0 or 1: no out-of-sample outputs), got {folds}")
     folds = folds if folds >= 2 else 0
-    if samples is None or samples < 0:
+    if samples < 0:
         raise ValueError(f"samples must be a positive number of draws (or 0: none), got {samples}")
 
     model, config = load_run(checkpoint)

@@ -93,3 +93,16 @@ def test_a_checkpoint_that_does_not_match_the_store_is_one_line_before_any_work(
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("percival ")]
         assert len(err) == 1 and "has no channel 'HR', which the model was trained on" in err[0], err
     assert not (tmp_path / "rec.zarr").exists() and not list((tmp_path / "eval").glob("*.png"))
+
+
+def test_asking_for_another_head_than_the_checkpoints_is_one_line_before_any_work(tmp_path, capsys,
+                                                                                 physionet_sample_store,
+                                                                                 tiny_checkpoint):
+    for command in (["evaluate", physionet_sample_store, "--checkpoint", tiny_checkpoint, "--out",
+                     str(tmp_path / "eval"), "--head", "diffusion"],
+                    ["reconstruct", physionet_sample_store, "--checkpoint", tiny_checkpoint, "--out",
+                     str(tmp_path / "rec.zarr"), "--head", "diffusion"]):
+        assert main(command) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("percival ")]
+        assert len(err) == 1 and "trained with the 'gaussian' head, not 'diffusion'" in err[0], err
+    assert not (tmp_path / "rec.zarr").exists() and not list((tmp_path / "eval").glob("*.png"))
