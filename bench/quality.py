@@ -50,22 +50,28 @@ def dataset_settings(name: str, steps: list[str], sets: list[str]) -> tuple[int,
     return n, scoped(sets, name)
 
 
-def outside_valid_range(store_url: str, checkpoint: str, split: str, n_times: int = 64) -> dict:
-    """Reconstruct every record of ``split`` (all elements visible, a grid of ``n_times`` per timed channel)
-    and count means and 95 % bounds outside their channel's declared valid range."""
-    import numpy as np
-
+def load_split_run(store_url: str, checkpoint: str, split: str):
+    """The store, the trained model and the elements of every record of ``split``, read once for the
+    reconstruction checks below."""
     from datasets.store import open_store
     from pipelines.run.config import load_run
-    from pipelines.run.reconstruction import GridSpec, reconstruct
 
     store = open_store(store_url)
     model, _ = load_run(checkpoint)
     ids = store.records["record_id"][store.records["split"] == split].astype(str).tolist()
-    elements = store.select(ids)
+    return store, model, store.select(ids)
+
+
+def outside_valid_range(store, model, elements, n_times: int = 64) -> dict:
+    """Reconstruct every record of ``elements`` (all elements visible, a grid of ``n_times`` per timed channel)
+    and count means and 95 % bounds outside their channel's declared valid range."""
+    import numpy as np
+
+    from pipelines.run.reconstruction import GridSpec, reconstruct
+
     rec = reconstruct(model, elements, store.channels, GridSpec(n_times=n_times), folds=0)
     lo, hi = (store.channels[k].to_numpy(np.float64) for k in ("valid_min", "valid_max"))
-    out = {"records": len(ids)}
+    out = {"records": int(elements.n_records)}
     keys = ("mean", "lower95", "upper95")
     for where, codes, arrays in (("elements", elements.channel, {k: getattr(rec, k) for k in keys}),
                                  ("grid", rec.grid["channel"], rec.grid)):
@@ -76,23 +82,17 @@ def outside_valid_range(store_url: str, checkpoint: str, split: str, n_times: in
     return out
 
 
-def sampling_cost(store_url: str, checkpoint: str, split: str, n_samples: int = 16) -> dict:
-    """Seconds to reconstruct every element of ``split`` once (one pass, no grid, no folds) and with
+def sampling_cost(store, model, elements, n_samples: int = 16) -> dict:
+    """Seconds to reconstruct every element of ``elements`` once (one pass, no grid, no folds) and with
     ``n_samples`` draws of each (what ``reconstruct --samples`` adds), in this process."""
-    from datasets.store import open_store
-    from pipelines.run.config import load_run
     from pipelines.run.reconstruction import GridSpec, reconstruct
 
-    store = open_store(store_url)
-    model, _ = load_run(checkpoint)
-    ids = store.records["record_id"][store.records["split"] == split].astype(str).tolist()
-    elements = store.select(ids)
     seconds = {}
     for k in (0, n_samples):
         t0 = time.perf_counter()
         reconstruct(model, elements, store.channels, GridSpec(n_times=0), folds=0, n_samples=k)
         seconds[k] = time.perf_counter() - t0
-    return {"head": model.config.head.name, "records": len(ids), "elements": int(elements.n_elements),
+    return {"head": model.config.head.name, "records": int(elements.n_records), "elements": int(elements.n_elements),
             "one_pass_s": round(seconds[0], 1), f"with_{n_samples}_samples_s": round(seconds[n_samples], 1),
             "ratio": round(seconds[n_samples] / seconds[0], 2)}
 
@@ -154,10 +154,11 @@ def main() -> int:
                                  for k, v in overall.items() if k != "model"},
                 "evidence": p.get("evidence", {}), "distribution": distribution}
         res["sub_nyquist_rms"] = doc.get("sub_nyquist_rms", {})
+        scored = load_split_run(store, str(d / "model"), args.split)
         t0 = time.perf_counter()
-        res["outside_valid_range"] = outside_valid_range(store, str(d / "model"), args.split)
+        res["outside_valid_range"] = outside_valid_range(*scored)
         res["outside_valid_range"]["seconds"] = round(time.perf_counter() - t0, 1)
-        res["sampling_cost"] = sampling_cost(store, str(d / "model"), args.split)
+        res["sampling_cost"] = sampling_cost(*scored)
         results["datasets"][name] = res
         print(f"\n== {name}: {json.dumps(res['protocols'], indent=1, default=str)[:4000]}\n"
               f"   tables: {ev['markdown']}", flush=True)
