@@ -432,12 +432,11 @@ def distribution_scores(value: np.ndarray, error: np.ndarray, channel: np.ndarra
                              if (modality == i).any()}}
 
     out: dict = {"methods": {}}
-    for name, (mean, sigma) in preds.items():
-        sd = np.sqrt(np.asarray(sigma, np.float64) ** 2 + e2)
-        out["methods"][name] = {"crps_gaussian": by_modality(crps_gaussian(value, mean, sd))}
+    sds = {name: np.sqrt(np.asarray(sigma, np.float64) ** 2 + e2) for name, (_, sigma) in preds.items()}
+    for name, (mean, _) in preds.items():
+        out["methods"][name] = {"crps_gaussian": by_modality(crps_gaussian(value, mean, sds[name]))}
     if samples is not None and len(value):
-        mean, sigma = preds["model"]
-        sd = np.sqrt(np.asarray(sigma, np.float64) ** 2 + e2)
+        mean, sd = preds["model"][0], sds["model"]
         rng = np.random.default_rng([seed, 7])
         independent = mean + sd * rng.standard_normal(samples.shape)
         scored = np.bincount(record, minlength=n_records) > 0
