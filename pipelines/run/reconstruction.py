@@ -323,9 +323,9 @@ def reconstruct(model: Percival, elements: ElementSet, channels: pd.DataFrame, g
 
 
 def _physical_draws(draws: np.ndarray, channel: np.ndarray, contract) -> np.ndarray:
-    """Normalised draws (N, K) in physical units, draw by draw (inside each channel's valid range)."""
-    return np.stack([denormalise(d, np.zeros_like(d), channel, contract)[0] for d in draws.T], axis=1
-                    ).astype(np.float32).reshape(draws.shape)
+    """Normalised draws (N, K) in physical units, each one mapped back (inside its channel's valid range)."""
+    flat = np.ascontiguousarray(draws).ravel()
+    return denormalise(flat, np.zeros_like(flat), np.repeat(channel, draws.shape[1]), contract)[0].reshape(draws.shape)
 
 
 def _draw_summary(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
