@@ -58,7 +58,8 @@ def report_markdown(results: list[ProtocolResult], store: str = "", checkpoint: 
             "train-split statistics (location the median, scale the standard deviation after clipping to the "
             "0.1–99.9 % quantiles), so 1 ≈ one train-split standard deviation of the channel. NLL and coverage use "
             "N(μ, σ² + e²) with e the normalised measurement error (unknown = 0); a calibrated predictor covers "
-            "0.683 and 0.954. `MSE / lin. interp.` is each method's MSE divided by linear interpolation's.", ""]
+            "0.683 and 0.95 (cov95 is the 95 % interval a reconstruction stores as `lower95` / `upper95`). "
+            "`MSE / lin. interp.` is each method's MSE divided by linear interpolation's.", ""]
     if any(r.score_split == "val" for r in results):
         out += ["**Validation split scored** (`--split val`: for choosing models and settings; report the test "
                 "split). The baselines' σ is fitted on train-split records the gradient-boost baseline was not "
