@@ -8,7 +8,7 @@ import pytest
 
 from datasets.format import ElementSet
 from datasets.loader import ElementDataset, MaskingConfig, plan_masks, shard, token_batches
-from datasets.loader.masking import AUTOENCODE, FORECAST, HOLDOUT, MODALITY_DROPOUT
+from datasets.loader.masking import AUTOENCODE, CHANNEL_DROPOUT, FORECAST, HOLDOUT, MODALITY_DROPOUT
 from datasets.loader.synthetic import lognormal_lengths, synthetic_elements
 from datasets.normalise import normalise
 
@@ -152,6 +152,33 @@ def test_every_record_keeps_a_visible_element_and_a_target():
         assert (_per_record(offsets, plan.visible) >= 1).all()
         assert (_per_record(offsets, plan.target) >= 1).all()
         assert {AUTOENCODE, MODALITY_DROPOUT, FORECAST, HOLDOUT} <= set(plan.mode.tolist())
+
+
+def test_channel_dropout_hides_one_whole_channel():
+    rng = np.random.default_rng(4)
+    offsets, modality, time = _records(400, rng)
+    channel = rng.integers(0, 6, offsets[-1])
+    cfg = MaskingConfig(channel_dropout=1.0, modality_dropout=0.0, autoencode=0.0)
+    plan = plan_masks(offsets, modality, time, np.random.default_rng(0), cfg, channel=channel)
+    picked = np.zeros(6, int)
+    for r in range(len(offsets) - 1):
+        sl = slice(offsets[r], offsets[r + 1])
+        chans, hid = channel[sl], ~plan.visible[sl]
+        if len(np.unique(chans)) < 2:
+            assert plan.mode[r] in (HOLDOUT, AUTOENCODE)
+            continue
+        assert plan.mode[r] == CHANNEL_DROPOUT
+        gone = np.unique(chans[hid])
+        assert len(gone) == 1 and (chans == gone[0]).sum() == hid.sum()  # exactly one channel, all of it
+        assert (plan.target[sl] == hid).all()
+        picked[gone[0]] += 1
+    assert (picked > 0.5 * picked.mean()).all()  # every channel gets dropped, roughly uniformly
+    # without element channels the mode falls back to holdout, and a zero rate leaves the stream unchanged
+    assert (plan_masks(offsets, modality, time, np.random.default_rng(0), cfg).mode != CHANNEL_DROPOUT).all()
+    base = MaskingConfig()
+    a = plan_masks(offsets, modality, time, np.random.default_rng(1), base, channel=channel)
+    b = plan_masks(offsets, modality, time, np.random.default_rng(1), base)
+    assert np.array_equal(a.visible, b.visible)
 
 
 def test_modality_dropout_never_drops_every_modality():

@@ -126,7 +126,8 @@ class ElementDataset:
         if masking is not None:
             if rng is None:
                 raise ValueError("a masking plan needs a seeded rng")
-            plan = plan_masks(offsets, self.modality[idx], self.time[idx], rng, masking, self.modalities)
+            plan = plan_masks(offsets, self.modality[idx], self.time[idx], rng, masking, self.modalities,
+                              self.channel[idx])
         else:
             plan = full_plan(offsets)
         t = torch.from_numpy

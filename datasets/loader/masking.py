@@ -13,6 +13,10 @@ record:
     probability (as daep trains: a spectrum more often than photometry, say; a draw that drops none drops the
     likeliest one, one that drops all keeps the least likely one); with probability ``keep_one`` all but one
     modality (chosen uniformly) are dropped instead.
+``channel_dropout``
+    (records with at least two channels) every element of one of the record's channels, chosen uniformly, is
+    hidden and becomes the targets: what ``evaluate --protocol channel:NAME`` asks of the model (a whole band
+    predicted from the others).
 ``forecast``
     (records with at least two distinct times) the elements after a random cut time are hidden and become
     targets; static elements stay visible.
@@ -31,8 +35,8 @@ import numpy as np
 
 from perceiver.packing import segment_ids
 
-AUTOENCODE, MODALITY_DROPOUT, FORECAST, HOLDOUT = 0, 1, 2, 3
-MODE_NAMES = ("autoencode", "modality_dropout", "forecast", "holdout")
+AUTOENCODE, MODALITY_DROPOUT, FORECAST, HOLDOUT, CHANNEL_DROPOUT = 0, 1, 2, 3, 4
+MODE_NAMES = ("autoencode", "modality_dropout", "forecast", "holdout", "channel_dropout")
 
 
 @dataclass
@@ -47,6 +51,8 @@ class MaskingConfig:
     forecast: float = 0.0
     #: probability per record of full auto-encoding (all visible, all targets)
     autoencode: float = 0.05
+    #: probability per record of hiding one whole channel (records with one channel fall back to holdout)
+    channel_dropout: float = 0.0
     #: in modality-dropout mode: each named modality's own dropout probability (empty: a uniform subset)
     modality_rates: dict[str, float] = field(default_factory=dict)
     #: in modality-dropout mode: the probability of dropping every modality but one (chosen uniformly)
@@ -59,8 +65,8 @@ class MaskingConfig:
                              f"{bad or self.keep_one}")
         if not 0.0 < self.holdout < 1.0:
             raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
-        total = self.modality_dropout + self.forecast + self.autoencode
-        if min(self.modality_dropout, self.forecast, self.autoencode) < 0 or total > 1.0 + 1e-9:
+        rates = (self.modality_dropout, self.forecast, self.autoencode, self.channel_dropout)
+        if min(rates) < 0 or sum(rates) > 1.0 + 1e-9:
             raise ValueError("mode probabilities must be >= 0 and sum to at most 1")
 
 
@@ -82,9 +88,11 @@ def _segment_rank(record: np.ndarray, keys: np.ndarray, offsets: np.ndarray) -> 
 
 
 def plan_masks(offsets: np.ndarray, modality: np.ndarray, time: np.ndarray, rng: np.random.Generator,
-               config: MaskingConfig, modalities: list[str] | None = None) -> MaskPlan:
-    """Draw a masking plan for packed records (``offsets`` of length B+1, element ``modality`` and ``time``;
-    ``modalities``: the names of the modality indices, which ``config.modality_rates`` refers to).
+               config: MaskingConfig, modalities: list[str] | None = None,
+               channel: np.ndarray | None = None) -> MaskPlan:
+    """Draw a masking plan for packed records (``offsets`` of length B+1, element ``modality``, ``time`` and
+    ``channel``; ``modalities``: the names of the modality indices, which ``config.modality_rates`` refers to).
+    Without ``channel``, ``channel_dropout`` records fall back to holdout.
 
     Deterministic given the state of ``rng``: the training loop seeds it from (seed, epoch, batch number), so
     a resumed run draws the same plans as an uninterrupted one.
@@ -105,14 +113,25 @@ def plan_masks(offsets: np.ndarray, modality: np.ndarray, time: np.ndarray, rng:
     np.minimum.at(tmin, record[finite], time[finite])
     np.maximum.at(tmax, record[finite], time[finite])
 
+    # The distinct (record, channel) pairs, sorted by record, and the number of channels per record.
+    if channel is None:
+        channel = np.zeros(n, np.int64)
+    channel = np.asarray(channel, np.int64)
+    width = int(channel.max(initial=0)) + 1
+    channel_pairs = np.unique(record * width + channel)
+    pair_record = channel_pairs // width
+    n_chan = np.bincount(pair_record, minlength=n_rec)
+
     u = rng.random(n_rec)
     c = config
     mode = np.full(n_rec, HOLDOUT, np.int8)
+    mode[u < c.autoencode + c.modality_dropout + c.forecast + c.channel_dropout] = CHANNEL_DROPOUT
     mode[u < c.autoencode + c.modality_dropout + c.forecast] = FORECAST
     mode[u < c.autoencode + c.modality_dropout] = MODALITY_DROPOUT
     mode[u < c.autoencode] = AUTOENCODE
     mode[(mode == MODALITY_DROPOUT) & (n_mod < 2)] = HOLDOUT
     mode[(mode == FORECAST) & ~(tmax > tmin)] = HOLDOUT
+    mode[(mode == CHANNEL_DROPOUT) & (n_chan < 2)] = HOLDOUT
     mode[lengths < 2] = AUTOENCODE
     emode = mode[record]
 
@@ -136,6 +155,15 @@ def plan_masks(offsets: np.ndarray, modality: np.ndarray, time: np.ndarray, rng:
         sel = np.isin(record, dropping)
         row = np.searchsorted(dropping, record[sel])
         hidden[sel] = drop[row, modality[sel]]
+
+    # channel dropout: one of the record's channels, chosen uniformly, is hidden whole.
+    dropping = np.flatnonzero(mode == CHANNEL_DROPOUT)
+    if len(dropping):  # (no draw otherwise: the other modes keep their random stream)
+        pick = np.minimum((rng.random(len(dropping)) * n_chan[dropping]).astype(np.int64), n_chan[dropping] - 1)
+        dropped = np.full(n_rec, -1)
+        dropped[dropping] = channel_pairs[np.searchsorted(pair_record, dropping) + pick] % width
+        cd = emode == CHANNEL_DROPOUT
+        hidden[cd] = channel[cd] == dropped[record[cd]]
 
     visible = ~hidden
     target = hidden.copy()
