@@ -49,3 +49,23 @@ def tiny_checkpoint(tmp_path_factory, physionet_sample_store) -> str:
                        train=TrainConfig(steps=12, warmup_steps=2, log_every=4, eval_every=6, eval_batches=2,
                                          checkpoint_every=6, batch_tokens=4096, precision="fp32"))
     return str(train(config, store.read(), store.channels, out))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server (moto, server mode) for the session, with the standard AWS_* environment
+    pointing at it (see ``tests/object_store.py``)."""
+    from object_store import ENV, S3Server, start_server
+
+    server, endpoint = start_server()
+    saved = {k: os.environ.get(k) for k in [*ENV, "AWS_ENDPOINT_URL"]}
+    os.environ.update(ENV, AWS_ENDPOINT_URL=endpoint)
+    try:
+        yield S3Server(endpoint)
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
