@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing
 import os
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,11 @@ import pandas as pd
 from datasets.format import QUARANTINE_COLUMNS
 from datasets.schema import DEFAULT_MAX_RECORD_ELEMENTS, Validated, drop_known_records, validate
 from datasets.sources import Source, Unit, get_source
-from datasets.store import StoreWriter
+from datasets.store import StoreConflict, StoreWriter
+
+#: times an ingest into an object store starts again from a concurrent writer's newer commit (each one means
+#: the other writer committed work that this one then skips, so the total work stays bounded)
+CONFLICT_RETRIES = 100
 
 
 @dataclass
@@ -47,6 +52,7 @@ class IngestReport:
     source: str
     units_found: int = 0
     units_skipped: int = 0
+    units_committed: int = 0
     shards: int = 0
     shards_planned: int = 0
     records_stored: int = 0
@@ -73,10 +79,11 @@ class IngestReport:
         f = self.per_file
         return bool((f["read"] == f["stored"] + f["quarantined"]).all())
 
-    def add(self, v: Validated) -> None:
-        """Count one committed shard."""
+    def add(self, v: Validated, units: int = 0) -> None:
+        """Count one committed shard (of ``units`` source units)."""
         self.merge({"per_file": v.counts, "quarantine": v.quarantine, "records": v.elements.n_records,
                     "resorted": v.records_resorted, "shards": 1})
+        self.units_committed += units
 
     def merge(self, part: dict) -> None:
         """Add one shard's counts to this report."""
@@ -151,7 +158,7 @@ def commit_shards(writer: StoreWriter, results: Iterable[tuple[ShardSpec, Valida
     for spec, v in results:
         v = drop_known_records(v, writer.known_ids)
         writer.append(v, spec.units)
-        report.add(v)
+        report.add(v, len(spec.units))
         if progress:
             progress(spec.index, report)
 
@@ -168,20 +175,29 @@ def ingest(source: str, path: str, store: str, *, shard_size: int | None = None,
     t0 = time.perf_counter()
     src, units, specs = plan_shards(source, path, store, shard_size, options, max_record_elements,
                                     storage_options)
-    with StoreWriter(store, src, path, storage_options) as writer:
-        # the ledger again, now under the lock: a run that waited for another writer must not redo its work
-        if any((u.name, u.fingerprint) in writer.ingested for s in specs for u in s.units):
-            first = specs[0]
-            specs = shard_specs(src, source, units, writer.ingested, shard_size, first.options,
-                                first.max_record_elements)
-        report = IngestReport(store=store, source=source, units_found=len(units),
-                              units_skipped=len(units) - sum(len(s.units) for s in specs),
-                              shards_planned=len(specs))
-        commit_shards(writer, zip(specs, _map(read_shard, specs, workers), strict=True), report, progress)
-        # an unchanged archive changes nothing, not even the statistics' timestamp; statistics that a killed
-        # run never wrote are written now
-        if specs or not writer.statistics_current:
-            writer.update_statistics()
+    report = IngestReport(store=store, source=source, units_found=len(units))
+    for attempt in range(CONFLICT_RETRIES + 1):
+        try:
+            with StoreWriter(store, src, path, storage_options) as writer:
+                # the ledger again, now under the lock (or from the newest snapshot): a run that waited for
+                # another writer, or lost a commit race to one, must not redo its work
+                if any((u.name, u.fingerprint) in writer.ingested for s in specs for u in s.units):
+                    first = specs[0]
+                    specs = shard_specs(src, source, units, writer.ingested, shard_size, first.options,
+                                        first.max_record_elements)
+                report.shards_planned = report.shards + len(specs)
+                commit_shards(writer, zip(specs, _map(read_shard, specs, workers), strict=True), report,
+                              progress)
+                # an unchanged archive changes nothing, not even the statistics' timestamp; statistics that a
+                # killed run never wrote are written now
+                if specs or not writer.statistics_current:
+                    writer.update_statistics()
+            break
+        except StoreConflict:  # an object store's concurrent writer committed first: continue from its commit
+            if attempt == CONFLICT_RETRIES:
+                raise
+            time.sleep(random.uniform(0.05, 0.5))  # let the winner lead, rather than race it for every shard
+    report.units_skipped = len(units) - report.units_committed
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -15,6 +15,10 @@ from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 
+class StoreError(RuntimeError):
+    """A store that cannot be opened or appended to, with the reason."""
+
+
 class SnapshotLocalStore(LocalStore):
     """A read-only local store that reads every file through one open handle for the store's lifetime.
 
@@ -80,6 +84,31 @@ def make_store(url: str, read_only: bool, storage_options: dict | None = None):
         return FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)
     path = url.removeprefix("file://")
     return SnapshotLocalStore(path) if read_only else LocalStore(path, read_only=False)
+
+
+def open_committed(url: str, storage_options: dict | None = None) -> zarr.Group | None:
+    """The last commit of the store at ``url``, read-only (every shape is a committed one); None where there
+    is no store. Object-store URLs are Icechunk repositories (their last snapshot); other stores carry their
+    commit in the root document's consolidated metadata."""
+    from datasets.store import _icechunk
+
+    if _icechunk.is_transactional(url):
+        store = _icechunk.readonly_store(url, storage_options)
+        if store is None or get_json(store, "zarr.json") is None:
+            return None
+        return open_group(store, mode="r", consolidated=False)
+    store = make_store(url, read_only=True, storage_options=storage_options)
+    try:
+        if get_json(store, "zarr.json") is None:
+            return None
+    except NotADirectoryError:
+        return None
+    # counts and shapes from one read of the root document: a commit landing between two reads would pair
+    # one commit's counts with the next one's arrays
+    try:
+        return open_group(store, mode="r", consolidated=True)
+    except ValueError:  # no consolidated metadata: a plain Zarr group, not a Percival commit
+        raise StoreError(f"{url}: not a Percival store, or its first commit never finished") from None
 
 
 def get_json(store, key: str) -> dict | None:

@@ -19,6 +19,12 @@ A second writer *waits* for the lock, up to ``lock_timeout`` seconds (default ``
 the next one starts, two reconstruct runs into one output) queue instead of failing, and the later one
 starts from the earlier one's last commit. A writer that the same thread already holds is refused at once,
 since waiting for itself could never end.
+
+In object storage (``s3://``, ``gs://``) there is no atomic rename and no lock: there the group is an
+Icechunk repository (:mod:`datasets.store._icechunk`) and the commit point is an Icechunk commit, which
+publishes every write since the last one as one snapshot. A killed writer's writes are never published; of
+two concurrent writers the later commit fails with :class:`~datasets.store._icechunk.StoreConflict`, and
+re-running it continues from the earlier one's commit.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ import time
 import numpy as np
 from zarr.codecs import ZstdCodec
 
-from datasets.store import _zarr
+from datasets.store import _icechunk, _zarr
+from datasets.store._zarr import StoreError
 
 BIG_CHUNK, BIG_SHARD = 1 << 18, 1 << 21  # element-like dimensions: 256 Ki per chunk, 2 Mi per shard
 TABLE_CHUNK, TABLE_SHARD = 1 << 14, 1 << 17
@@ -40,10 +47,6 @@ TABLE_CHUNK, TABLE_SHARD = 1 << 14, 1 << 17
 
 #: seconds a second writer waits for a store's lock before giving up (environment: PERCIVAL_LOCK_TIMEOUT)
 DEFAULT_LOCK_TIMEOUT = 600.0
-
-
-class StoreError(RuntimeError):
-    """A store that cannot be opened or appended to, with the reason."""
 
 
 def now() -> str:
@@ -73,7 +76,11 @@ class AppendableGroup:
             raise
 
     def _open(self, new_meta: dict, dimensions: tuple[str, ...], storage_options: dict | None) -> None:
-        self.store = _zarr.make_store(self.url, read_only=False, storage_options=storage_options)
+        # object stores: an Icechunk transaction is the commit point (see datasets.store._icechunk)
+        self.transaction = _icechunk.Transaction(self.url, storage_options) if _icechunk.is_transactional(
+            self.url) else None
+        self.store = self.transaction.store if self.transaction else _zarr.make_store(
+            self.url, read_only=False, storage_options=storage_options)
         root = _zarr.get_json(self.store, "zarr.json")
         meta = (root or {}).get("attributes", {}).get("percival")
         self.created = meta is None or "commit" not in meta
@@ -128,9 +135,13 @@ class AppendableGroup:
         self.meta["commit"][dim] = start + n
 
     def commit(self) -> None:
-        """The commit point: one atomic write of the root document (shapes + counts + attrs)."""
+        """The commit point: one atomic write of the root document (shapes + counts + attrs), or, in an
+        object store, one Icechunk commit (raises :class:`StoreConflict` where another writer came first)."""
         self.meta["commit"]["generation"] += 1
         self.meta["updated"] = now()
+        if self.transaction is not None:
+            self._commit_transaction()
+            return
         arrays = {}
         for name in self.group.array_keys():
             doc = _zarr.get_json(self.store, f"{name}/zarr.json")
@@ -142,6 +153,19 @@ class AppendableGroup:
         root = {"zarr_format": 3, "node_type": "group", "attributes": {**self.attrs, "percival": self.meta},
                 "consolidated_metadata": {"kind": "inline", "must_understand": False, "metadata": arrays}}
         _zarr.put_json(self.store, "zarr.json", root)
+
+    def _commit_transaction(self) -> None:
+        for name in self.group.array_keys():
+            arr = self.group[name]
+            dim = arr.metadata.dimension_names[0]
+            if arr.shape[0] != self.count(dim):
+                raise StoreError(f"{self.url}: array {name} has {arr.shape[0]} entries, "
+                                 f"the commit says {self.count(dim)} along {dim}")
+        self.group.attrs.update({**self.attrs, "percival": self.meta})
+        counts = ", ".join(f"{k} {v}" for k, v in self.meta["commit"].items() if k != "generation")
+        self.transaction.commit(f"percival commit {self.meta['commit']['generation']}: {counts}")
+        self.store = self.transaction.store
+        self.group = _zarr.open_group(self.store, mode="r+", consolidated=False)
 
     def close(self) -> None:
         if self._lock is not None:

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from datasets.format import ELEMENT_DTYPES, QUARANTINE_COLUMNS, ElementSet
-from datasets.store import _zarr
+from datasets.store import _icechunk, _zarr
 from datasets.store.appendable import StoreError
 from datasets.store.layout import CHANNEL_COLUMNS, LATER_CHANNEL_COLUMNS
 from perceiver.packing import ranges
@@ -30,15 +30,10 @@ class Store:
 
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url = url
-        store = _zarr.make_store(url, read_only=True, storage_options=storage_options)
-        if _zarr.get_json(store, "zarr.json") is None:
+        group = _zarr.open_committed(url, storage_options)
+        if group is None:
             raise StoreError(f"{url}: no Zarr store here (no zarr.json)")
-        # counts and shapes from one read of the root document: a commit landing between two reads would
-        # pair one commit's counts with the next one's arrays
-        try:
-            self.group = _zarr.open_group(store, mode="r", consolidated=True)
-        except ValueError:  # no consolidated metadata: a plain Zarr group, not a Percival commit
-            raise StoreError(f"{url}: not a Percival store, or its first commit never finished") from None
+        self.group = group
         meta = self.group.attrs.get("percival")
         if meta is None or "commit" not in meta:
             raise StoreError(f"{url}: not a Percival store, or its first commit never finished")
@@ -139,6 +134,8 @@ class Store:
         """The store as an ``xarray.Dataset`` (lazy, dask-backed)."""
         import xarray as xr
 
+        if _icechunk.is_transactional(self.url):  # this snapshot's session store
+            return xr.open_zarr(self.group.store, consolidated=False)
         return xr.open_zarr(self.url, consolidated=True)
 
     def summary(self) -> dict:

@@ -190,21 +190,19 @@ def reconstruction_arrays(r, row_size: np.ndarray) -> dict[str, np.ndarray]:
 
 def committed_meta(url: str, storage_options: dict | None = None) -> dict:
     """The last commit's ``percival`` attribute of a reconstruction store (no arrays read); {} where none."""
-    store = _zarr.make_store(url, read_only=True, storage_options=storage_options)
     try:
-        root = _zarr.get_json(store, "zarr.json")
-    except (FileNotFoundError, NotADirectoryError):
+        group = _zarr.open_committed(url, storage_options)
+    except (FileNotFoundError, StoreError):
         return {}
-    meta = (root or {}).get("attributes", {}).get("percival") or {}
+    meta = dict(group.attrs.get("percival") or {}) if group is not None else {}
     return meta if meta.get("format") == FORMAT else {}
 
 
 def open_reconstruction(url: str, storage_options: dict | None = None) -> dict:
     """The committed reconstructions as numpy arrays and a records DataFrame (for notebooks and evaluate)."""
-    store = _zarr.make_store(url, read_only=True, storage_options=storage_options)
-    if _zarr.get_json(store, "zarr.json") is None:
+    g = _zarr.open_committed(url, storage_options)  # meta and shapes from this one read
+    if g is None:
         raise StoreError(f"{url}: not a Percival reconstruction store (no zarr.json)")
-    g = _zarr.open_group(store, mode="r", consolidated=True)  # meta and shapes from this one read
     meta = dict(g.attrs.get("percival") or {})
     if meta.get("format") != FORMAT:
         raise StoreError(f"{url}: not a Percival reconstruction store")

@@ -54,7 +54,7 @@ class StoreWriter:
 
     def _open(self, source) -> None:
         url = self.url
-        self.group, self.meta = self.out.group, self.out.meta
+        self.meta = self.out.meta
         if self.out.created:
             self._create_arrays()
             self._set_channels(source.channels())
@@ -72,6 +72,11 @@ class StoreWriter:
                                 self.group["unit_fingerprint"][:m].tolist(), strict=True)) if m else set()
 
     # -- public ---------------------------------------------------------------------------------------
+    @property
+    def group(self):
+        """The Zarr group being written (in an object store, a new session's after each commit)."""
+        return self.out.group
+
     def count(self, dim: str) -> int:
         """Committed length along ``dim``."""
         return self.out.count(dim)

@@ -21,9 +21,10 @@ ingest("physionet2019", sys.argv[1], sys.argv[2], shard_size=10)
 """
 
 
-def kill_ingest(work: Path, moments: int, seed: int) -> list[Row]:
+def kill_ingest(work: Path, moments: int, seed: int, store_root: str | None = None) -> list[Row]:
     """SIGKILL a plain ingest (30 commits + statistics) at ``moments`` random moments; a reader thread opens
-    the store throughout; re-run; compare with an uninterrupted run."""
+    the store throughout; re-run; compare with an uninterrupted local run. The stores are made under
+    ``store_root`` (an object-store URL such as ``s3://bucket/prefix``; default: ``work``)."""
     from datasets.ingest import ingest
     from datasets.store import StoreError, open_store
 
@@ -31,12 +32,15 @@ def kill_ingest(work: Path, moments: int, seed: int) -> list[Row]:
     ingest("physionet2019", PHYSIONET, ref, shard_size=10)
     ref_store = open_store(ref)
     ref_ids, ref_hash = ref_store.records["record_id"].tolist(), ref_store.content_hash()
-    span = timed_run(INGEST_SCRIPT, [PHYSIONET, str(work / "ingest-timed.zarr")])
+    root = store_root.rstrip("/") if store_root else str(work)
+    where = f" into {root.split('://')[0]}:// (Icechunk)" if store_root else ""
+    span = timed_run(INGEST_SCRIPT, [PHYSIONET, f"{root}/ingest-timed.zarr"])
     rng = np.random.default_rng(seed)
-    row = Row("kill -9 during ingest, then re-run", note=f"work phase ≈{span:.1f} s; 30 commits + statistics")
-    readers = Row("reader opening the store while an ingest writes (and is killed)")
+    row = Row(f"kill -9 during ingest{where}, then re-run",
+              note=f"work phase ≈{span:.1f} s; 30 commits + statistics; compared with a local ingest")
+    readers = Row(f"reader opening the store while an ingest{where} writes (and is killed)")
     for i in range(moments):
-        path = str(work / f"ingest-kill-{i}.zarr")
+        path = f"{root}/ingest-kill-{i}.zarr"
         stop = threading.Event()
 
         def read_loop(path: str = path, stop: threading.Event = stop) -> None:

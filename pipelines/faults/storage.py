@@ -168,3 +168,32 @@ def _exception(state) -> str:
     except BaseException as e:  # noqa: BLE001 - the run's own error, to check its message
         return f"{type(e).__name__}: {e}"
     return ""
+
+
+def concurrent_writers(work: Path, store_root: str, trials: int = 1) -> Row:
+    """Two processes ingest the same archive into one object-store store at once (no lock exists there):
+    both finish, and the store equals an uninterrupted local ingest (the later commit of each race fails as
+    an Icechunk conflict, and its writer continues from the winner's commit)."""
+    import sys
+
+    from datasets.ingest import ingest
+    from datasets.store import open_store
+    from pipelines.faults.harness import subprocess_env
+    from pipelines.faults.kills import INGEST_SCRIPT
+
+    ref = str(work / "concurrent-ref.zarr")
+    ingest("physionet2019", PHYSIONET, ref, shard_size=10)
+    ref_hash = open_store(ref).content_hash()
+    row = Row(f"two concurrent ingests into one {store_root.split('://')[0]}:// store (Icechunk)",
+              note="both exit 0; the store equals one local ingest")
+    for i in range(trials):
+        url = f"{store_root.rstrip('/')}/concurrent-{i}.zarr"
+        procs = [subprocess.Popen([sys.executable, "-c", INGEST_SCRIPT, PHYSIONET, url], env=subprocess_env(),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        errors = [p.communicate()[1] for p in procs]
+        codes = [p.returncode for p in procs]
+        final = open_store(url)
+        ok = codes == [0, 0] and final.content_hash() == ref_hash and final.records["record_id"].is_unique
+        row.check(ok, f"trial {i}: exit codes {codes}, hash equal {final.content_hash() == ref_hash}; "
+                      f"{[e[-400:] for e in errors if e]}")
+    return row
