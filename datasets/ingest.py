@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing
-import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -25,7 +24,7 @@ import pandas as pd
 
 from datasets.format import QUARANTINE_COLUMNS
 from datasets.schema import DEFAULT_MAX_RECORD_ELEMENTS, Validated, drop_known_records, validate
-from datasets.sources import Source, Unit, get_source
+from datasets.sources import Source, Unit, files, get_source
 from datasets.store import StoreConflict, StoreWriter
 
 #: times an ingest into an object store starts again from a concurrent writer's newer commit (each one means
@@ -42,6 +41,8 @@ class ShardSpec:
     options: dict
     units: list[Unit]
     max_record_elements: int = DEFAULT_MAX_RECORD_ELEMENTS
+    #: fsspec options for reading the archive (credentials, endpoint); travels with the shard to workers
+    input_storage_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -125,29 +126,42 @@ class IngestReport:
 
 def plan_shards(source_name: str, path: str, store: str, shard_size: int | None = None,
                 options: dict | None = None, max_record_elements: int = DEFAULT_MAX_RECORD_ELEMENTS,
-                storage_options: dict | None = None) -> tuple[Source, list[Unit], list[ShardSpec]]:
-    """Discover the archive's units, drop those the store already holds, and group the rest."""
+                storage_options: dict | None = None, input_storage_options: dict | None = None
+                ) -> tuple[Source, list[Unit], list[ShardSpec]]:
+    """Discover the archive's units, drop those the store already holds, and group the rest.
+
+    ``path`` is a local path or an fsspec URL read with ``input_storage_options``; ``storage_options`` are the
+    store's. Raises ``FileNotFoundError`` (naming ``path``) when nothing is there, or when the source finds no
+    units in it: an ingest that finds nothing to read is an error, never an empty success.
+    """
     options = dict(options or {})
-    source = get_source(source_name, **options)
-    if "://" not in path and not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist")
-    units = source.discover(path)  # an empty folder is nothing to do (a watched folder may be empty)
+    input_storage_options = dict(input_storage_options or {})
+    source = get_source(source_name, storage_options=input_storage_options, **options)
+    if not files.exists(path, input_storage_options):
+        where = "" if files.is_local(path) else " (or its bucket) or is not readable with these credentials"
+        raise FileNotFoundError(f"{path}: no such file or directory{where}")
+    units = source.discover(path)
+    if not units:
+        raise FileNotFoundError(f"{path}: the {source_name} source finds no files to read there "
+                                f"(see `percival ingest {source_name} -h` and the README for the layout)")
     options = source.resolved_options() or options
     return source, units, shard_specs(source, source_name, units, _ingested_units(store, storage_options),
-                                      shard_size, options, max_record_elements)
+                                      shard_size, options, max_record_elements, input_storage_options)
 
 
 def shard_specs(source: Source, source_name: str, units: list[Unit], done: set[tuple[str, str]],
-                shard_size: int | None, options: dict, max_record_elements: int) -> list[ShardSpec]:
+                shard_size: int | None, options: dict, max_record_elements: int,
+                input_storage_options: dict | None = None) -> list[ShardSpec]:
     """The units not in the ledger ``done``, grouped into shards."""
     todo = [u for u in units if (u.name, u.fingerprint) not in done]
     chunks = source.shard(todo, shard_size or source.units_per_shard)
-    return [ShardSpec(i, source_name, options, c, max_record_elements) for i, c in enumerate(chunks)]
+    return [ShardSpec(i, source_name, options, c, max_record_elements, dict(input_storage_options or {}))
+            for i, c in enumerate(chunks)]
 
 
 def read_shard(spec: ShardSpec) -> Validated:
     """Read and validate one shard (runs anywhere: main process, worker process, Prefect task)."""
-    source = get_source(spec.source, **spec.options)
+    source = get_source(spec.source, storage_options=spec.input_storage_options, **spec.options)
     raw = source.read(spec.units)
     return validate(raw, source.channels(), spec.max_record_elements)
 
@@ -165,16 +179,20 @@ def commit_shards(writer: StoreWriter, results: Iterable[tuple[ShardSpec, Valida
 
 def ingest(source: str, path: str, store: str, *, shard_size: int | None = None, workers: int = 1,
            options: dict | None = None, max_record_elements: int = DEFAULT_MAX_RECORD_ELEMENTS,
-           storage_options: dict | None = None,
+           storage_options: dict | None = None, input_storage_options: dict | None = None,
            progress: Callable[[int, IngestReport], None] | None = None) -> IngestReport:
     """Ingest the archive at ``path`` (file or directory) read by ``source`` into the store at ``store``.
+
+    ``path`` is a local path or an fsspec URL (``s3://``, ``gs://``, ``https://``, ...) read with
+    ``input_storage_options`` and the standard environment (``AWS_*``); ``storage_options`` are the store's.
+    A missing ``path`` or one in which the source finds no units raises ``FileNotFoundError`` naming it.
 
     ``workers`` > 1 reads shards in that many spawned processes; commits stay in shard order.
     ``progress(shard_index, report)`` is called after each commit. Returns the reconciled report.
     """
     t0 = time.perf_counter()
     src, units, specs = plan_shards(source, path, store, shard_size, options, max_record_elements,
-                                    storage_options)
+                                    storage_options, input_storage_options)
     report = IngestReport(store=store, source=source, units_found=len(units))
     for attempt in range(CONFLICT_RETRIES + 1):
         try:
@@ -184,7 +202,7 @@ def ingest(source: str, path: str, store: str, *, shard_size: int | None = None,
                 if any((u.name, u.fingerprint) in writer.ingested for s in specs for u in s.units):
                     first = specs[0]
                     specs = shard_specs(src, source, units, writer.ingested, shard_size, first.options,
-                                        first.max_record_elements)
+                                        first.max_record_elements, first.input_storage_options)
                 report.shards_planned = report.shards + len(specs)
                 commit_shards(writer, zip(specs, _map(read_shard, specs, workers), strict=True), report,
                               progress)

@@ -13,9 +13,9 @@ from pipelines.options import OptionError, parse_pairs
 from pipelines.serve import add_serve_parser
 
 
-def _options(pairs: list[str]) -> dict:
+def _options(pairs: list[str], flag: str = "--option") -> dict:
     try:
-        return parse_pairs(pairs, "--option")
+        return parse_pairs(pairs, flag)
     except OptionError as e:
         raise SystemExit(str(e)) from None
 
@@ -34,6 +34,8 @@ def positive_int(text: str) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     kwargs = dict(shard_size=args.shard_size, options=_options(args.option),
                   max_record_elements=args.max_record_elements)
+    if args.input_storage_options:
+        kwargs["input_storage_options"] = _options(args.input_storage_options, "--storage-option")
     if args.no_prefect:
         from datasets.ingest import ingest
 
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ing = sub.add_parser("ingest", help="ingest an archive into a Zarr store (Prefect flow)")
     ing.add_argument("source", help="source name: physionet2019, plasticc, ztf_bts, macho, desi, table")
-    ing.add_argument("path", help="archive file or directory")
+    ing.add_argument("path", help="archive file or directory: a local path or an fsspec URL (s3://bucket/dir)")
     ing.add_argument("--store", required=True, help="output store: a path (OUT.zarr) or an fsspec URL")
     ing.add_argument("--shard-size", type=int, default=None, help="units (files) per shard; default per source")
     ing.add_argument("--workers", type=int, default=2, help="shards read at once (default 2)")
@@ -136,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
                      help="records with more elements are quarantined (default 200000)")
     ing.add_argument("--option", action="append", metavar="KEY=VALUE",
                      help="source option, e.g. --option record_id=star (JSON values allowed); repeatable")
+    ing.add_argument("--storage-option", action="append", dest="input_storage_options", metavar="KEY=VALUE",
+                     help="fsspec option for reading an archive URL (s3://, gs://, https://), e.g. "
+                          "--storage-option anon=true or endpoint_url=http://host:9000 (JSON values allowed); "
+                          "repeatable; credentials also come from the environment (AWS_*)")
     ing.add_argument("--no-prefect", action="store_true", help="run the plain Python ingest, no Prefect")
     ing.set_defaults(fn=cmd_ingest)
 

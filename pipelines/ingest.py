@@ -17,6 +17,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.types import SecretDict
 
 from datasets.ingest import IngestReport, ingest
 from datasets.schema import DEFAULT_MAX_RECORD_ELEMENTS
@@ -26,7 +27,7 @@ from pipelines.retries import retry_on_io
 @task(name="ingest-archive", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io,
       task_run_name="ingest-{source}")
 def ingest_task(source: str, path: str, store: str, shard_size: int | None, workers: int, options: dict,
-                max_record_elements: int) -> IngestReport:
+                max_record_elements: int, input_storage_options: SecretDict | None = None) -> IngestReport:
     logger = get_run_logger()
     progress_id = create_progress_artifact(0.0, description=f"ingest {source} -> {store}")
 
@@ -36,7 +37,8 @@ def ingest_task(source: str, path: str, store: str, shard_size: int | None, work
         update_progress_artifact(progress_id, 100.0 * report.shards / max(report.shards_planned, 1))
 
     report = ingest(source, path, store, shard_size=shard_size, workers=workers, options=options,
-                    max_record_elements=max_record_elements, progress=progress)
+                    max_record_elements=max_record_elements, progress=progress,
+                    input_storage_options=_secret(input_storage_options))
     logger.info("%s: %d units, %d skipped (already in the store), %d shards", path, report.units_found,
                 report.units_skipped, report.shards)
     update_progress_artifact(progress_id, 100.0)
@@ -46,14 +48,24 @@ def ingest_task(source: str, path: str, store: str, shard_size: int | None, work
 @flow(name="ingest", log_prints=True)
 def ingest_flow(source: str, path: str, store: str, shard_size: int | None = None, workers: int = 2,
                 options: dict | None = None,
-                max_record_elements: int = DEFAULT_MAX_RECORD_ELEMENTS) -> dict:
-    """Ingest the archive at ``path`` into ``store``, reading shards in ``workers`` processes; returns the
-    report's summary (counts reconcile)."""
+                max_record_elements: int = DEFAULT_MAX_RECORD_ELEMENTS,
+                input_storage_options: SecretDict | None = None) -> dict:
+    """Ingest the archive at ``path`` (a path or an fsspec URL) into ``store``, reading shards in ``workers``
+    processes; returns the report's summary (counts reconcile). ``input_storage_options`` (fsspec: credentials,
+    endpoint) read the archive; they are a secret parameter, shown obfuscated by Prefect."""
     t0 = time.perf_counter()
-    report = ingest_task(source, path, store, shard_size, workers, dict(options or {}), max_record_elements)
+    report = ingest_task(source, path, store, shard_size, workers, dict(options or {}), max_record_elements,
+                         input_storage_options)
     report.seconds = time.perf_counter() - t0
     _publish(report)
     return report.summary()
+
+
+def _secret(options: SecretDict | dict | None) -> dict:
+    """The plain dict of a secret parameter (Prefect validates a flow's dict into a ``SecretDict``)."""
+    if isinstance(options, SecretDict):
+        return dict(options.get_secret_value())
+    return dict(options or {})
 
 
 def _publish(report: IngestReport) -> None:

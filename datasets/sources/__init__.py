@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 
 from datasets.sources.base import Source, Unit
 
@@ -25,9 +26,13 @@ def get_source_class(name: str) -> type[Source]:
     return importlib.import_module(REGISTRY[name]).SOURCE
 
 
-def get_source(name: str, **options) -> Source:
-    """An instance of the source called ``name``; ``options`` go to its constructor."""
-    return get_source_class(name)(**options)
+def get_source(name: str, storage_options: Mapping[str, object] | None = None, **options) -> Source:
+    """An instance of the source called ``name``; ``options`` go to its constructor, ``storage_options``
+    (fsspec: credentials, endpoint) are kept for reading archives that are URLs."""
+    source = get_source_class(name)(**options)
+    if storage_options:
+        source.storage_options = dict(storage_options)
+    return source
 
 
 __all__ = ["REGISTRY", "Source", "Unit", "get_source", "get_source_class"]

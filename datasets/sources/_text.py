@@ -27,6 +27,7 @@ import pandas as pd
 from numpy.typing import ArrayLike
 
 from datasets.format import QUARANTINE_COLUMNS, RawElements
+from datasets.sources import files
 from datasets.sources.base import Unit, unreadable
 
 #: at most this many quarantine rows per file and kind of problem; the rest are summarised in one more row
@@ -42,13 +43,13 @@ class MissingColumns(ValueError):
                          f"(found {len(found)} column(s): {shown}; is the delimiter right?)")
 
 
-def read_bytes(unit: Unit) -> bytes:
-    """The bytes of a unit: a plain or gzip-compressed file, or a member of a zip file."""
-    if unit.member:
-        with zipfile.ZipFile(unit.path) as z:
-            data = z.read(unit.member)
-    else:
-        with open(unit.path, "rb") as f:
+def read_bytes(unit: Unit, storage_options: files.StorageOptions = None) -> bytes:
+    """The bytes of a unit: a plain or gzip-compressed file, or a member of a zip file (local or a URL)."""
+    with files.open_input(unit.path, storage_options) as f:
+        if unit.member:
+            with zipfile.ZipFile(f) as z:
+                data = z.read(unit.member)
+        else:
             data = f.read()
     return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
 
@@ -70,12 +71,12 @@ class TextFile:
         return self.lines[keep]
 
 
-def read_text(unit: Unit, comment: str | None = "#") -> TextFile:
+def read_text(unit: Unit, comment: str | None = "#", storage_options: files.StorageOptions = None) -> TextFile:
     """Decode a text unit. Lines holding bytes that are not UTF-8 are dropped and reported ("line is not
     valid UTF-8"; 1 element each unless a ``comment`` line); the rest of the file is still read. An empty
     (or all-blank) file raises ``ValueError``.
     """
-    data = read_bytes(unit)
+    data = read_bytes(unit, storage_options)
     if not data.strip():
         raise ValueError("empty file")
     try:

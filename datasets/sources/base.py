@@ -10,7 +10,9 @@ from __future__ import annotations
 import inspect
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import ClassVar
 
 from datasets.format import Channel, RawElements
@@ -43,10 +45,14 @@ class Source(ABC):
     label_columns: ClassVar[tuple[str, ...]] = ()
     #: default shard size in units; aim for ~0.5-2 M elements per shard (one store shard is 2 Mi)
     units_per_shard: ClassVar[int] = 200
+    #: fsspec options (credentials, endpoint) for reading the archive; set by ``get_source(storage_options=...)``
+    #: and passed on with every read (see :mod:`datasets.sources.files`)
+    storage_options: Mapping[str, object] = MappingProxyType({})
 
     @abstractmethod
     def discover(self, path: str) -> list[Unit]:
-        """List the units of the archive at ``path`` (a file or a directory), in a stable order."""
+        """List the units of the archive at ``path`` (a file or a directory: a local path or an fsspec URL,
+        read with :attr:`storage_options`), in a stable order."""
 
     @abstractmethod
     def channels(self) -> list[Channel]:

@@ -29,8 +29,6 @@ quarantine row and the rest of the file is read.
 
 from __future__ import annotations
 
-import glob
-import os
 import warnings
 
 import numpy as np
@@ -38,8 +36,8 @@ import pandas as pd
 from astropy.io import fits
 
 from datasets.format import QUARANTINE_COLUMNS, Channel, RawElements
-from datasets.sources import _text
-from datasets.sources.base import Source, Unit, file_fingerprint
+from datasets.sources import _text, files
+from datasets.sources.base import Source, Unit
 
 SPECTRUM_UNIT = "1e-17 erg / (s cm2 Angstrom)"
 ARMS = ("B", "R", "Z")
@@ -65,9 +63,10 @@ class Desi(Source):
 
     def discover(self, path: str) -> list[Unit]:
         """``coadd*.fits`` / ``coadd*.fits.gz`` files, sorted."""
-        files = [path] if os.path.isfile(path) else sorted(
-            glob.glob(os.path.join(path, "coadd*.fits")) + glob.glob(os.path.join(path, "coadd*.fits.gz")))
-        return [Unit(f, None, file_fingerprint(f)) for f in files]
+        so = self.storage_options
+        found = [path] if files.isfile(path, so) else sorted(
+            files.glob(path, "coadd*.fits", so) + files.glob(path, "coadd*.fits.gz", so))
+        return [Unit(f, None, files.fingerprint(f, so)) for f in found]
 
     def read(self, units: list[Unit]) -> RawElements:
         return _text.read_each(units, self._read_file, self.label_columns)
@@ -75,7 +74,8 @@ class Desi(Source):
     def _read_file(self, unit: Unit) -> RawElements:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            with fits.open(unit.path, memmap=False, lazy_load_hdus=True) as hdus:
+            with files.open_input(unit.path, self.storage_options) as f, \
+                    fits.open(f, memmap=False, lazy_load_hdus=True) as hdus:
                 raw = self._read_hdus(unit, hdus)
         raw.quarantine += [_row(unit, "file", f"file may be truncated: {w.message}")
                            for w in caught if "truncated" in str(w.message)][:1]

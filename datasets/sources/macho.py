@@ -20,16 +20,14 @@ so that a quarantine row's line number can be found in one of them.
 
 from __future__ import annotations
 
-import glob
-import os
 import re
 
 import numpy as np
 import pandas as pd
 
 from datasets.format import Channel, RawElements
-from datasets.sources import _text
-from datasets.sources.base import Source, Unit, file_fingerprint, unreadable
+from datasets.sources import _text, files
+from datasets.sources.base import Source, Unit, unreadable
 
 FILE_NAME = re.compile(r"^lc_(\d+)\.(\d+)\.(\d+)\.([BR])\.mjd$")
 #: passband centres (Angstrom): blue 440-590 nm, red 590-780 nm (Alcock et al. 1999)
@@ -51,8 +49,9 @@ class Macho(Source):
 
     def discover(self, path: str) -> list[Unit]:
         """``lc_*.mjd`` files sorted by directory, star (numerically), band: a star's files are adjacent."""
-        files = [path] if os.path.isfile(path) else glob.glob(os.path.join(path, "lc_*.mjd"))
-        return [Unit(f, None, file_fingerprint(f)) for f in sorted(files, key=_sort_key)]
+        so = self.storage_options
+        found = [path] if files.isfile(path, so) else files.glob(path, "lc_*.mjd", so)
+        return [Unit(f, None, files.fingerprint(f, so)) for f in sorted(found, key=_sort_key)]
 
     def shard(self, units: list[Unit], size: int) -> list[list[Unit]]:
         """Consecutive shards of about ``size`` units (at least one star each) that never split a star."""
@@ -65,8 +64,8 @@ class Macho(Source):
 
     def read(self, units: list[Unit]) -> RawElements:
         quarantine = [unreadable(unit, ValueError("file name is not lc_<field>.<tile>.<seq>.<B|R>.mjd"))
-                      for unit in units if FILE_NAME.match(os.path.basename(unit.path)) is None]
-        stars = _by_star([unit for unit in units if FILE_NAME.match(os.path.basename(unit.path))])
+                      for unit in units if FILE_NAME.match(files.basename(unit.path)) is None]
+        stars = _by_star([unit for unit in units if FILE_NAME.match(files.basename(unit.path))])
         parts = [self._read_star(star_id, star_units) for (_, star_id), star_units in stars.items()]
         raw = _text.concat(parts, self.label_columns)
         raw.quarantine[:0] = quarantine
@@ -90,8 +89,8 @@ class Macho(Source):
                               quarantine=quarantine + [q for p in parts for q in p["quarantine"]])
 
     def _read_band(self, unit: Unit, star_id: str) -> dict:
-        band = FILE_NAME.match(os.path.basename(unit.path)).group(4)
-        file = _text.read_text(unit)
+        band = FILE_NAME.match(files.basename(unit.path)).group(4)
+        file = _text.read_text(unit, storage_options=self.storage_options)
         table, q2 = _text.parse_table(file, file.content(), unit, None, names=COLUMNS, numeric=COLUMNS)
         num, keep, q3 = _text.numeric_columns(table, COLUMNS, unit, required=["MJD"], record_id=star_id)
         n = int(keep.sum())
@@ -104,16 +103,16 @@ def _by_star(units: list[Unit]) -> dict[tuple[str, str], list[Unit]]:
     """(directory, star id) -> its units, in order of first appearance (a unit with another name: alone)."""
     stars: dict[tuple[str, str], list[Unit]] = {}
     for unit in units:  # one iteration per file
-        m = FILE_NAME.match(os.path.basename(unit.path))
+        m = FILE_NAME.match(files.basename(unit.path))
         key = ".".join(m.groups()[:3]) if m else unit.path
-        stars.setdefault((os.path.dirname(unit.path), key), []).append(unit)
+        stars.setdefault((files.dirname(unit.path), key), []).append(unit)
     return stars
 
 
 def _sort_key(path: str) -> tuple:
-    m = FILE_NAME.match(os.path.basename(path))
+    m = FILE_NAME.match(files.basename(path))
     star = tuple(int(g) for g in m.groups()[:3]) if m else ()
-    return (os.path.dirname(path), m is None, star, m.group(4) if m else "", os.path.basename(path))
+    return (files.dirname(path), m is None, star, m.group(4) if m else "", files.basename(path))
 
 
 SOURCE = Macho

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import math
-import os
 import struct
 import threading
 import zipfile
@@ -31,7 +31,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from datasets.format import Channel, RawElements
-from datasets.sources.base import Source, Unit, file_fingerprint, unreadable
+from datasets.sources import files
+from datasets.sources.base import Source, Unit, unreadable
 from perceiver.packing import offsets_from_counts, segment_ids
 
 VITALS = {"HR": "1 / min", "O2Sat": "%", "Temp": "deg_C", "SBP": "mmHg", "MAP": "mmHg", "DBP": "mmHg",
@@ -72,23 +73,22 @@ class PhysioNet2019(Source):
     def discover(self, path: str) -> list[Unit]:
         """Units are the ``.psv`` members of every zip file under ``path`` (or plain ``.psv`` files)."""
         units: list[Unit] = []
-        files = [path] if os.path.isfile(path) else sorted(
-            os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
-        for f in files:
+        so = self.storage_options
+        for f in files.list_files(path, so, recursive=True):
             if f.endswith(".zip"):
                 try:
-                    with zipfile.ZipFile(f) as z:
+                    with files.open_input(f, so) as handle, zipfile.ZipFile(handle) as z:
                         units += [Unit(f, i.filename, f"{i.file_size}-{i.CRC:08x}") for i in z.infolist()
                                   if i.filename.endswith(".psv")]
                 except (zipfile.BadZipFile, OSError) as e:
                     units.append(Unit(f, None, f"unreadable:{type(e).__name__}"))
             elif f.endswith(".psv"):
-                units.append(Unit(f, None, file_fingerprint(f)))
+                units.append(Unit(f, None, files.fingerprint(f, so)))
         return units
 
     def read(self, units: list[Unit]) -> RawElements:
         texts, ok_units, quarantine = [], [], []
-        for unit, data in _read_bytes(units, quarantine):
+        for unit, data in _read_bytes(units, quarantine, self.storage_options):
             texts.append(data)
             ok_units.append(unit)
         if not ok_units:  # a shard whose files all vanished or are unreadable: quarantine rows only
@@ -107,7 +107,7 @@ class PhysioNet2019(Source):
         return raw
 
 
-def _read_bytes(units: list[Unit], quarantine: list[dict]):
+def _read_bytes(units: list[Unit], quarantine: list[dict], storage_options: files.StorageOptions = None):
     """Yield (unit, bytes) for every readable unit; unreadable ones go to ``quarantine``."""
     by_zip: dict[str, list[Unit]] = {}
     for u in units:
@@ -116,13 +116,12 @@ def _read_bytes(units: list[Unit], quarantine: list[dict]):
         if not path.endswith(".zip"):
             for u in group:
                 try:
-                    with open(u.path, "rb") as f:
-                        yield u, f.read()
+                    yield u, files.read_bytes(u.path, storage_options)
                 except OSError as e:
                     quarantine.append(unreadable(u, e))
             continue
         try:
-            z = _open_zip(path)
+            z = _open_zip(path, storage_options)
         except (zipfile.BadZipFile, OSError) as e:
             quarantine += [unreadable(u, e) for u in group]
             continue
@@ -146,13 +145,14 @@ class _Zip:
     directory of a 20,000-member archive takes ~0.2 s to read. CRCs are still checked.
     """
 
-    def __init__(self, path: str):
-        self.index = zipfile.ZipFile(path)
-        self.raw = open(path, "rb")  # noqa: SIM115 - lives as long as the cached index
+    def __init__(self, path: str, storage_options: files.StorageOptions = None):
+        self.raw = files.open_input(path, storage_options)  # lives as long as the cached index
+        self.index_file = files.open_input(path, storage_options)
+        self.index = zipfile.ZipFile(self.index_file)
         self.lock = threading.Lock()
 
     def __del__(self) -> None:  # dropped from the cache (or at exit): close both handles, quietly
-        for handle in (getattr(self, "raw", None), getattr(self, "index", None)):
+        for handle in (getattr(self, "raw", None), getattr(self, "index", None), getattr(self, "index_file", None)):
             if handle is not None:
                 handle.close()
 
@@ -177,12 +177,13 @@ class _Zip:
 
 
 @functools.lru_cache(maxsize=4)
-def _zip_index(path: str, fingerprint: str) -> _Zip:
-    return _Zip(path)
+def _zip_index(path: str, fingerprint: str, options: str) -> _Zip:
+    return _Zip(path, json.loads(options))
 
 
-def _open_zip(path: str) -> _Zip:
-    return _zip_index(path, file_fingerprint(path))
+def _open_zip(path: str, storage_options: files.StorageOptions = None) -> _Zip:
+    so = json.dumps(dict(storage_options or {}), sort_keys=True, default=str)
+    return _zip_index(path, files.fingerprint(path, storage_options), so)
 
 
 def _unsafe_member(member: str) -> bool:

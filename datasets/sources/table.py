@@ -39,8 +39,6 @@ file and the column. ``row`` = 1-based line number (CSV) or row (Parquet).
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
 from collections.abc import Mapping, Sequence
 
 import astropy.units as u
@@ -49,8 +47,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from datasets.format import Channel, RawElements
-from datasets.sources import _text
-from datasets.sources.base import Source, Unit, file_fingerprint, unreadable
+from datasets.sources import _text, files
+from datasets.sources.base import Source, Unit, unreadable
 
 EXTENSIONS = (".csv", ".csv.gz", ".tsv", ".tsv.gz", ".parquet")
 MJD_EPOCH = pd.Timestamp("1858-11-17", tz="UTC")
@@ -139,11 +137,12 @@ class TableSource(Source):
 
     def discover(self, path: str) -> list[Unit]:
         """The table files at ``path``; also learns the channel table (see the module docstring)."""
-        if os.path.isfile(path):
-            files = [path]
+        so = self.storage_options
+        if files.isfile(path, so):
+            found = [path]
         else:
-            files = sorted(f for f in glob.glob(os.path.join(path, "*")) if f.endswith(EXTENSIONS))
-        units = [Unit(f, None, file_fingerprint(f)) for f in files]
+            found = [f for f in files.list_files(path, so) if f.endswith(EXTENSIONS)]
+        units = [Unit(f, None, files.fingerprint(f, so)) for f in found]
         if self._options["channel_table"] is None:
             self._channels = self._learn_channels(units)
         return units
@@ -227,14 +226,16 @@ class TableSource(Source):
         Raises :class:`~datasets.sources._text.MissingColumns` if the file lacks a required column."""
         columns = list(dict.fromkeys(columns))
         if unit.path.endswith(".parquet"):
-            names = pq.read_schema(unit.path).names
-            missing = [c for c in dict.fromkeys([*self._required(), *columns]) if c not in names]
-            if missing:
-                raise _text.MissingColumns(unit.name, missing, names)
-            df = pq.read_table(unit.path, columns=columns).to_pandas()
+            with files.open_input(unit.path, self.storage_options) as f:
+                parquet = pq.ParquetFile(f)
+                names = parquet.schema_arrow.names
+                missing = [c for c in dict.fromkeys([*self._required(), *columns]) if c not in names]
+                if missing:
+                    raise _text.MissingColumns(unit.name, missing, names)
+                df = parquet.read(columns=columns).to_pandas()
             df.index = np.arange(1, len(df) + 1)
             return df, []
-        file = _text.read_text(unit, comment=None)
+        file = _text.read_text(unit, comment=None, storage_options=self.storage_options)
         df, q = _text.parse_table(file, file.content(comment=None), unit, self.sep, usecols=columns,
                                   numeric=numeric, required=self._required())
         return df, file.quarantine + q

@@ -25,16 +25,14 @@ when it came from ``headers.json`` only).
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 
 import numpy as np
 import pandas as pd
 
 from datasets.format import Channel, RawElements
-from datasets.sources import _text
-from datasets.sources.base import Source, Unit, file_fingerprint, unreadable
+from datasets.sources import _text, files
+from datasets.sources.base import Source, Unit, unreadable
 
 HEADERS_JSON = "headers.json"
 #: effective wavelengths (Angstrom), SVO Filter Profile Service, Palomar/ZTF.g, ZTF.r, ZTF.i
@@ -60,28 +58,29 @@ class ZtfBts(Source):
 
     def discover(self, path: str) -> list[Unit]:
         """``ZTF*_bl.csv`` files (sorted); a fingerprint also covers the ``headers.json`` beside them."""
-        files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "ZTF*_bl.csv")))
-        return [Unit(f, None, _fingerprint(f)) for f in files]
+        so = self.storage_options
+        found = [path] if files.isfile(path, so) else files.glob(path, "ZTF*_bl.csv", so)
+        return [Unit(f, None, _fingerprint(f, so)) for f in found]
 
     def read(self, units: list[Unit]) -> RawElements:
         headers: dict[str, dict] = {}  # directory -> headers.json content, loaded once per read
         quarantine: list[dict] = []
-        for d in sorted({os.path.dirname(u.path) for u in units}):
-            headers[d], q = _load_headers(d)
+        for d in sorted({files.dirname(u.path) for u in units}):
+            headers[d], q = _load_headers(d, self.storage_options)
             quarantine += q
-        raw = _text.read_each(units, lambda u: self._read_file(u, headers[os.path.dirname(u.path)]),
+        raw = _text.read_each(units, lambda u: self._read_file(u, headers[files.dirname(u.path)]),
                               self.label_columns)
         raw.quarantine[:0] = quarantine
         return raw
 
     def _read_file(self, unit: Unit, catalogue: dict) -> RawElements:
-        file = _text.read_text(unit)
+        file = _text.read_text(unit, storage_options=self.storage_options)
         lines, quarantine = file.lines, file.quarantine
         is_header = lines.str.startswith("#")
         header = lines[is_header].str.extract(r"^#\s*([^=]*?)\s*=\s*(.*?)\s*$").dropna()
         header_line = dict(zip(header[0], header.index, strict=True))
         meta = dict(zip(header[0], header[1], strict=True))
-        record_id = meta.get("name") or os.path.basename(unit.path).removesuffix(".csv").removesuffix("_bl")
+        record_id = meta.get("name") or files.basename(unit.path).removesuffix(".csv").removesuffix("_bl")
         meta.update({k: str(v) for k, v in catalogue.get(record_id, {}).items()})
 
         numbers = ["obsmjd", "ampl_corr", "ampl_err_corr", "magzp"]
@@ -126,20 +125,20 @@ def _float(text: str | None) -> float:
         return np.nan
 
 
-def _fingerprint(path: str) -> str:
-    headers = os.path.join(os.path.dirname(path), HEADERS_JSON)
-    fp = file_fingerprint(path)
-    return f"{fp};{HEADERS_JSON}:{file_fingerprint(headers)}" if os.path.exists(headers) else fp
+def _fingerprint(path: str, storage_options: files.StorageOptions = None) -> str:
+    headers = files.join(files.dirname(path), HEADERS_JSON)
+    fp = files.fingerprint(path, storage_options)
+    return (f"{fp};{HEADERS_JSON}:{files.fingerprint(headers, storage_options)}"
+            if files.exists(headers, storage_options) else fp)
 
 
-def _load_headers(directory: str) -> tuple[dict, list[dict]]:
+def _load_headers(directory: str, storage_options: files.StorageOptions = None) -> tuple[dict, list[dict]]:
     """``headers.json`` of a directory as {name: {key: value}}; a broken one gives a quarantine row."""
-    path = os.path.join(directory, HEADERS_JSON)
-    if not os.path.exists(path):
+    path = files.join(directory, HEADERS_JSON)
+    if not files.exists(path, storage_options):
         return {}, []
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(files.read_bytes(path, storage_options).decode("utf-8"))
         if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
             raise ValueError("expected a JSON object of objects (name -> header keys)")
         return data, []
