@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _hash_without_fingerprints(path: str) -> str:
-    """SHA-256 of every array of a store except the ledger's ``unit_fingerprint`` (local files are fingerprinted
-    by mtime, S3 objects by ETag: the same bytes give other fingerprints)."""
+    """SHA-256 of every array of a store (local path or URL) except the ledger's ``unit_fingerprint`` (local
+    files are fingerprinted by mtime, S3 objects by ETag: the same bytes give other fingerprints)."""
     group = open_store(path).group
     h = hashlib.sha256()
     for name in sorted(k for k in group.array_keys() if k != "unit_fingerprint"):
@@ -35,7 +35,8 @@ def _hash_without_fingerprints(path: str) -> str:
 def test_ingest_from_s3_equals_local(name, samples, s3_server, tmp_path):
     bucket = s3_server.new_bucket()
     url = s3_server.upload(str(samples / name), bucket, f"archive/{name}")
-    local, remote = str(tmp_path / "local.zarr"), str(tmp_path / "remote.zarr")
+    # the store lives in the bucket too (an Icechunk repository): the issue's "archive and store in S3"
+    local, remote = str(tmp_path / "local.zarr"), f"s3://{bucket}/stores/{name}.zarr"
     ingest(name, str(samples / name), local)
     report = ingest(name, url, remote, workers=2, shard_size=60 if name == "physionet2019" else None)
     assert report.reconciles and report.records_stored == open_store(local).n_records > 0
