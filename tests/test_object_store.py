@@ -13,9 +13,9 @@ import pytest
 import xarray as xr
 
 from datasets.ingest import ingest, read_shard, shard_specs
+from datasets.sources import get_source
 from datasets.store import StoreConflict, StoreError, StoreWriter, open_store
 from datasets.store.reconstruction import open_reconstruction
-from datasets.sources import get_source
 
 
 @pytest.fixture(scope="module")
