@@ -70,7 +70,8 @@ def predict(model: Percival, batch: PackedBatch, queries: Queries | None = None,
     """Encode the visible elements of ``batch`` and predict ``queries`` (default: every element of the batch).
 
     ``dtype`` = ``torch.bfloat16`` runs under autocast (faster on GPUs and AMX/AVX512-BF16 CPUs).
-    ``n_samples`` > 0 also draws that many samples per query (seeded by ``seed``).
+    ``n_samples`` > 0 also draws that many samples per query (seeded by ``seed``). The batch and queries
+    move to the model's device; the prediction comes back on the CPU.
     """
     if n_samples < 0:
         raise ValueError(f"n_samples must be >= 0, got {n_samples}")
@@ -92,9 +93,9 @@ def predict(model: Percival, batch: PackedBatch, queries: Queries | None = None,
             error = None if queries.error is None else queries.error.to(device)
             if len(queries.offsets) != len(batch.offsets):
                 raise ValueError("queries must have one group per record of the batch")
-            offsets, position = queries.offsets, None
-            seg = segment_ids_tensor(offsets, "cpu")
-            time = (queries.time.double() - batch.t_ref.double()[seg]).float().to(device)
+            offsets, position = queries.offsets.to(device), None
+            seg = segment_ids_tensor(queries.offsets, "cpu")
+            time = (queries.time.double() - batch.t_ref.double().cpu()[seg]).float().to(device)
             channel, coord = queries.channel.to(device), queries.coord.float().to(device)
         if len(channel) and (int(channel.min()) < 0 or int(channel.max()) >= model.config.n_channels):
             raise ValueError("query channel outside the model's channel table")
@@ -102,6 +103,7 @@ def predict(model: Percival, batch: PackedBatch, queries: Queries | None = None,
         samples = None
         if n_samples:
             generator = torch.Generator(device).manual_seed(seed)
-            samples = model.head.sample(out, offsets.to(device), n_samples, error, generator).float()
-    return Prediction(out.mean.float(), torch.exp(out.log_sigma.float()), encoded.latents.float().mean(1), offsets,
-                      samples)
+            samples = model.head.sample(out, offsets, n_samples, error, generator).float()
+    # on the CPU whatever the model's device: callers index and convert to numpy
+    return Prediction(out.mean.float().cpu(), torch.exp(out.log_sigma.float()).cpu(),
+                      encoded.latents.float().mean(1).cpu(), offsets.cpu(), None if samples is None else samples.cpu())

@@ -78,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     with prefect_env.api():
         summary = train_flow(args.store, args.out, preset=args.preset, steps=args.steps, overrides=args.set,
                              config_path=args.config, nproc=args.nproc, resume=not args.no_resume,
-                             head=args.head)
+                             head=args.head, device=args.device)
     print(json.dumps(summary, indent=1, default=str))
     return 0
 
@@ -90,7 +90,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         summary = reconstruct_flow(args.store, args.checkpoint, args.out, records_per_shard=args.records_per_shard,
                                    grid_times=args.grid_times, grid_coords=args.grid_coords, workers=args.workers,
                                    dask_address=args.dask_address, precision=args.precision, folds=args.folds,
-                                   threads=args.threads, samples=args.samples or 0, head=args.head)
+                                   threads=args.threads, samples=args.samples or 0, head=args.head,
+                                   device=args.device)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -101,7 +102,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     with prefect_env.api():
         summary = evaluate_flow(args.store, args.checkpoint, args.out, protocols=tuple(args.protocol or ("holdout",)),
                                 seed=args.seed, max_records=args.max_records, split=args.split, samples=args.samples,
-                                head=args.head)
+                                head=args.head, device=args.device, precision=args.precision)
     print(Path(summary["markdown"]).read_text())
     return 0
 
@@ -122,6 +123,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(Path(d["evaluation"]).read_text())
     return 0
+
+
+def _device_option(parser: argparse.ArgumentParser, default: str | None = "auto",
+                   default_text: str = "auto") -> None:
+    parser.add_argument("--device", default=default, metavar="DEVICE",
+                        help="cpu, cuda, cuda:N or auto (the first GPU torch sees, else the CPU); "
+                             f"default {default_text}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   "in perceiver.heads.HEADS")
     tr.add_argument("--nproc", type=int, default=1, help="DDP processes (torchrun); default 1")
     tr.add_argument("--no-resume", action="store_true", help="start afresh even if --out holds a checkpoint")
+    _device_option(tr, default=None, default_text="the config's train.device, auto")
     tr.set_defaults(fn=cmd_train)
 
     rc = sub.add_parser("reconstruct", help="batch inference over a store into a reconstruction store")
@@ -173,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     rc.add_argument("--grid-coords", type=int, default=0, help="grid wavelengths per spectral channel (0: none)")
     rc.add_argument("--workers", type=int, default=1, help="local Dask worker processes (default 1: no Dask)")
     rc.add_argument("--dask-address", default=None, help="an existing Dask scheduler, e.g. tcp://host:8786")
-    rc.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    rc.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="auto (default): bf16 autocast on a GPU, fp32 on a CPU")
+    _device_option(rc)
     rc.add_argument("--folds", type=int, default=5, metavar="K",
                     help="out-of-sample folds per record: each element also predicted with its fold hidden, "
                          "and its residual_z, at ~K x the encoder cost (default 5; 0 or 1: off)")
@@ -200,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="draws per hidden element for the distribution scores (CRPS, energy score per record, "
                          "sample coverage); default 16")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="auto (default): bf16 autocast on a GPU, fp32 on a CPU")
+    _device_option(ev)
     ev.add_argument("--max-records", type=int, default=None, help="limit each split to its first N records")
     ev.add_argument("--split", choices=["val", "test"], default="test",
                     help="the split scored: test (default; to report) or val (to choose models and settings; "

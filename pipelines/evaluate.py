@@ -81,14 +81,16 @@ def channel_means_task(store: str, checkpoint: str) -> list[float]:
 @task(retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io, task_run_name="evaluate-{protocol}")
 def evaluate_task(store: str, checkpoint: str, protocol: str, seed: int, max_records: int | None,
                   means: list[float], split: str = "test", gradient_boost_elements: int | None = None,
-                  samples: int = 16) -> dict:
+                  samples: int = 16, device: str = "auto", precision: str = "auto") -> dict:
     from pipelines.run.baselines import GRADIENT_BOOST_MAX_ELEMENTS
     from pipelines.run.config import load_run
+    from pipelines.run.devices import inference_dtype, resolve_device
     from pipelines.run.evaluation import evaluate_protocol
 
-    model, config = load_run(checkpoint)
+    where = resolve_device(device)
+    model, config = load_run(checkpoint, where)
     result = evaluate_protocol(store, model, config, protocol, seed=seed, max_records=max_records, means=means,
-                               score_split=split, n_samples=samples,
+                               score_split=split, n_samples=samples, dtype=inference_dtype(precision, where),
                                gradient_boost_elements=gradient_boost_elements or GRADIENT_BOOST_MAX_ELEMENTS)
     get_run_logger().info("%s: %d hidden elements of %d %s records scored; gradient_boost: %s", protocol,
                           result.n_elements, result.n_records, split, result.evidence.get("gradient_boost"))
@@ -190,7 +192,8 @@ def _ratio(result) -> float | None:
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(store: str, checkpoint: str, out_dir: str, protocols: tuple[str, ...] | list[str] = (
         "holdout", "modality:labs"), seed: int = 0, max_records: int | None = None, split: str = "test",
-        gradient_boost_elements: int | None = None, samples: int = 16, head: str | None = None) -> dict:
+        gradient_boost_elements: int | None = None, samples: int = 16, head: str | None = None,
+        device: str = "auto", precision: str = "auto") -> dict:
     """Evaluate the checkpoint in ``checkpoint`` on the store at ``store`` under each protocol (``holdout``,
     ``holdout:FRACTION``, ``modality:NAME``) on the ``split`` split (``test``, or ``val`` to choose models and
     settings); write ``evaluation.md``, ``evaluation.json`` and PNG plots into ``out_dir``; publish them as
@@ -198,12 +201,16 @@ def evaluate_flow(store: str, checkpoint: str, out_dir: str, protocols: tuple[st
     ``gradient_boost_elements`` caps the gradient-boost baseline's training elements (default
     :data:`pipelines.run.baselines.GRADIENT_BOOST_MAX_ELEMENTS`); ``samples`` draws per hidden element score
     the model's distribution (CRPS, energy score, sample coverage); ``head``, where given, must be the
-    checkpoint's output head. Returns a small summary: files, the split, and per protocol the counts and the
-    overall MSE per method."""
+    checkpoint's output head; ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``) and ``precision`` (``auto``:
+    bf16 autocast on a GPU, fp32 on a CPU) are the model's. Returns a small summary: files, the split, and per
+    protocol the counts and the overall MSE per method."""
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     if samples < 1:
         raise ValueError(f"--samples must be a positive number of draws, got {samples}")
+    from pipelines.run.devices import resolve_device
+
+    resolve_device(device)  # a GPU asked for where there is none fails before any work
     t0 = time.perf_counter()
     logger = get_run_logger()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -212,7 +219,7 @@ def evaluate_flow(store: str, checkpoint: str, out_dir: str, protocols: tuple[st
     results, plots = [], {}
     for name in names:
         result = evaluate_task(store, checkpoint, name, seed, max_records, means, split, gradient_boost_elements,
-                               samples)
+                               samples, device, precision)
         plots[name] = plots_task(store, checkpoint, name, seed, max_records, means, result, out_dir)
         results.append(result)
     rhythms = rhythms_task(store, checkpoint, split)

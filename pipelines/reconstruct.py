@@ -62,19 +62,22 @@ def plan_task(store: str, out: str, records_per_shard: int) -> list[tuple[int, i
 @task(retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io,
       task_run_name="reconstruct-shard-{start}-{stop}")
 def reconstruct_shard_task(store: str, checkpoint: str, start: int, stop: int, staging: str, grid: dict,
-                           max_tokens: int, precision: str, threads: int, folds: int = 0, samples: int = 0) -> str:
+                           max_tokens: int, precision: str, threads: int, folds: int = 0, samples: int = 0,
+                           device: str = "auto") -> str:
     import torch
 
     from perceiver.checkpoint import load
+    from pipelines.run.devices import inference_dtype, resolve_device
     from pipelines.run.reconstruction import GridSpec, reconstruct
 
     caller_threads = torch.get_num_threads()  # in-process runs give the caller (a notebook) its setting back
     torch.set_num_threads(max(1, threads))
     try:
         s = open_store(store)
-        model = load(checkpoint)
+        where = resolve_device(device)
+        model = load(checkpoint, where)
         elements = s.read(start, stop)
-        dtype = torch.bfloat16 if precision == "bf16" else None
+        dtype = inference_dtype(precision, where)
         r = reconstruct(model, elements, s.channels, GridSpec(**grid), max_tokens=max_tokens, dtype=dtype,
                         folds=folds, n_samples=samples, sample_seed=start)
     finally:
@@ -98,15 +101,19 @@ def commit_task(out: str, provenance: dict, d_latent: int, start: int, stop: int
 @flow(name="reconstruct", log_prints=True)
 def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: int = 2000, grid_times: int = 64,
                      grid_coords: int = 0, grid_channels: list[str] | None = None, workers: int = 1,
-                     dask_address: str | None = None, precision: str = "fp32", max_tokens: int = 16_384,
-                     folds: int = 5, threads: int | None = None, samples: int = 0, head: str | None = None
-                     ) -> dict:  # folds = pipelines.run.reconstruction.DEFAULT_FOLDS (a torch-free import)
+                     dask_address: str | None = None, precision: str = "auto", max_tokens: int = 16_384,
+                     folds: int = 5, threads: int | None = None, samples: int = 0, head: str | None = None,
+                     device: str = "auto") -> dict:
     """Reconstruct every record of ``store`` with the model in ``checkpoint`` into the Zarr store ``out``.
+
+    ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (the first GPU where torch sees one, else the CPU);
+    ``precision``: ``auto`` (bf16 autocast on a GPU, fp32 on a CPU), ``bf16`` or ``fp32``.
 
     ``threads``: torch threads per worker (default ``OMP_NUM_THREADS`` where set, else the CPUs shared between
     the workers).
 
-    ``folds`` >= 2 adds the out-of-sample outputs (``mean_oos``, ``sigma_oos``, their normalised versions
+    ``folds`` (default: pipelines.run.reconstruction.DEFAULT_FOLDS, written out for a torch-free import)
+    >= 2 adds the out-of-sample outputs (``mean_oos``, ``sigma_oos``, their normalised versions
     and ``residual_z``) at about ``folds`` times the encoder cost; 0 or 1 leaves them out.
 
     ``samples`` = K > 0 adds K draws per element and grid point (``samples``, ``grid_samples`` with a
@@ -116,6 +123,7 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
     from datasets.loader import match_channels
     from perceiver.checkpoint import weights_sha256
     from pipelines.run.config import load_run
+    from pipelines.run.devices import resolve_device
 
     if folds < 0:
         raise ValueError(f"folds must be >= 0 (0 or 1: no out-of-sample outputs), got {folds}")
@@ -123,6 +131,7 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
     if samples < 0:
         raise ValueError(f"samples must be a positive number of draws (or 0: none), got {samples}")
 
+    resolve_device(device)  # a GPU asked for where there is none fails here, before any shard runs
     model, config = load_run(checkpoint)
     check_head(checkpoint, model.config.head.name, head)
     match_channels(model.config.contract, open_store(store).channels, store)  # fail before any shard runs
@@ -132,7 +141,7 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
         "checkpoint_sha256": weights_sha256(checkpoint),
         "model_config": config.to_dict(), "code_version": code_version(),
         "grid": {"n_times": grid_times, "n_coords": grid_coords, "channels": grid_channels},
-        "precision": precision, "folds": folds, "samples": samples,
+        "precision": precision, "device": device, "folds": folds, "samples": samples,
     }
     existing = committed_meta(out)
     if existing and store_folds(existing) != folds:
@@ -151,7 +160,7 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
             threads = threads or default_threads(workers)
             args = {"store": store, "checkpoint": checkpoint, "staging": staging, "grid": grid,
                     "max_tokens": max_tokens, "precision": precision, "threads": threads,
-                    "folds": folds, "samples": samples}
+                    "folds": folds, "samples": samples, "device": device}
             with prefect_env.workers_share_api():
                 for (a, b), path in zip(shards, _run_shards(shards, args, workers, dask_address), strict=True):
                     done += commit_task(out, provenance, model.config.sizes.d_latent, a, b, path)

@@ -8,6 +8,7 @@ subprocess for multi-process DDP (gloo on CPU, nccl on GPU). A Markdown artifact
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -65,12 +66,17 @@ def train_task(store: str, out_dir: str, config_json: str, nproc: int, resume: b
 @flow(name="train", log_prints=True)
 def train_flow(store: str, out_dir: str, preset: str = "small", steps: int | None = None,
                overrides: list[str] | None = None, config_path: str | None = None, nproc: int = 1,
-               resume: bool = True, head: str | None = None) -> dict:
-    """Train on the train split of ``store`` into ``out_dir`` (resuming where it holds a checkpoint)."""
+               resume: bool = True, head: str | None = None, device: str | None = None) -> dict:
+    """Train on the train split of ``store`` into ``out_dir`` (resuming where it holds a checkpoint);
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``) overrides the config's ``train.device``."""
     from perceiver.checkpoint import read_metrics
+    from pipelines.run.devices import resolve_device
 
     t0 = time.perf_counter()
     config = build_config(preset, steps, overrides, config_path, head)
+    if device is not None:
+        resolve_device(device)  # a GPU asked for where there is none fails before any work
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, device=device))
     path = train_task(store, out_dir, config.to_json(), nproc, resume)
     metrics = read_metrics(path)
     train_rows = [m for m in metrics if m.get("split") == "train"]

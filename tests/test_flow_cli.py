@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from prefect_runs import flow_run_record, flow_runs_with
 
 from datasets.ingest import ingest
@@ -106,3 +107,29 @@ def test_asking_for_another_head_than_the_checkpoints_is_one_line_before_any_wor
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("percival ")]
         assert len(err) == 1 and "trained with the 'gaussian' head, not 'diffusion'" in err[0], err
     assert not (tmp_path / "rec.zarr").exists() and not list((tmp_path / "eval").glob("*.png"))
+
+
+def test_device_choice_is_checked_before_any_work(tmp_path, physionet_sample_store, tiny_checkpoint, capsys):
+    """--device on train, reconstruct and evaluate: a GPU asked for where torch sees none (or a name that is no
+    device) is one line naming the choice, exit 2, and nothing is written."""
+    import torch
+
+    from pipelines.run.devices import resolve_device
+
+    assert resolve_device("cpu").type == "cpu" and resolve_device("CPU").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("tpu", "cuda:x", "gpu0"):
+        with pytest.raises(ValueError, match="cpu, cuda, cuda:N or auto"):
+            resolve_device(bad)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the no-GPU errors cannot be seen here")
+    out = tmp_path / "out"
+    for argv in (["train", physionet_sample_store, "--out", str(out), "--steps", "2", "--device", "cuda"],
+                 ["reconstruct", physionet_sample_store, "--checkpoint", tiny_checkpoint, "--out", str(out),
+                  "--device", "cuda:0"],
+                 ["evaluate", physionet_sample_store, "--checkpoint", tiny_checkpoint, "--out", str(out),
+                  "--device", "cuda"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "torch sees no CUDA GPU here" in err and "Traceback" not in err, err
+    assert not out.exists()

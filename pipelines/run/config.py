@@ -39,6 +39,8 @@ class TrainConfig:
     seed: int = 0
     #: "auto" (bf16 autocast where the hardware has native bf16), "bf16" or "fp32"
     precision: str = "auto"
+    #: "cpu", "cuda", "cuda:N" or "auto" (the first GPU where torch sees one, else the CPU)
+    device: str = "auto"
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 20

@@ -14,7 +14,6 @@ import torch.distributed as dist
 log = logging.getLogger("pipelines.run.training")
 
 
-
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX on this CPU (torch's probes, else ``/proc/cpuinfo`` flags)."""
     try:
@@ -63,12 +62,46 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group described by torchrun's environment (gloo on CPU, nccl on GPU)."""
+DEVICE_CHOICES = "cpu, cuda, cuda:N or auto"
+
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    """The torch device for ``--device``: ``cpu``; ``cuda`` (the first GPU) or ``cuda:N``; ``auto``, the first
+    GPU where torch sees one, else the CPU. A GPU asked for where there is none is an error naming the choice."""
+    text = str(requested).strip().lower()
+    if text == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    kind, _, index = text.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"device must be {DEVICE_CHOICES}, got {requested!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {requested!r}: torch sees no CUDA GPU here; use --device cpu (or auto)")
+    n = int(index or 0)
+    if n >= torch.cuda.device_count():
+        raise ValueError(f"device {requested!r}: there are {torch.cuda.device_count()} CUDA GPU(s) here "
+                         f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    return torch.device("cuda", n)
+
+
+def inference_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of inference (reconstruct, evaluate): ``auto`` is bf16 on a GPU and fp32 on a CPU
+    (reproducible numbers where speed matters less), ``bf16`` / ``fp32`` as asked."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return resolve_precision(precision, device)
+
+
+def init_distributed(requested: str = "auto") -> DistInfo:
+    """Join the process group described by torchrun's environment (gloo on CPU, nccl on GPU) on the device
+    ``requested`` (:func:`resolve_device`; under torchrun each process takes the GPU of its local rank)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = resolve_device(requested)
+    cuda = device.type == "cuda"
+    if cuda and world > 1:
+        device = torch.device("cuda", local_rank)
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():

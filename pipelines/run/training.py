@@ -94,7 +94,7 @@ class Trainer:
 
     def __init__(self, config: RunConfig, elements: ElementSet, channels: pd.DataFrame, out_dir: str | Path,
                  resume: bool = True, dist_info: DistInfo | None = None):
-        self.dist = dist_info or init_distributed()
+        self.dist = dist_info or init_distributed(config.train.device)
         self.out = Path(out_dir)
         tc = config.train
         threads = tc.threads or default_threads(self.dist.local_world_size)
