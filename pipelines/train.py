@@ -49,7 +49,7 @@ def train_task(store: str, out_dir: str, config_json: str, nproc: int, resume: b
                 logger.info("step %d/%d loss %.4f", record["step"], config.train.steps, record["loss"])
                 last["t"] = time.perf_counter()
 
-        return str(train(config, s.read(), s.channels, out_dir, resume=resume, on_step=progress))
+        return str(train(config, s, s.channels, out_dir, resume=resume, on_step=progress))
     os.makedirs(out_dir, exist_ok=True)
     cfg_path = Path(out_dir) / "requested_config.json"
     cfg_path.write_text(config_json)

@@ -266,3 +266,39 @@ def test_per_modality_dropout_rates_and_keeping_one_modality():
     with pytest.raises(ValueError, match="does not have"):
         plan_masks(offsets, modality, time, np.random.default_rng(1), MaskingConfig(modality_rates={"x": 0.5}),
                    names)
+
+
+def test_record_blocks_deal_every_record_once_per_epoch_and_ranks_read_disjoint_blocks(data):
+    from datasets.loader.blocks import RecordBlocks, slice_reader
+
+    elements, _ = data
+    in_train = elements.records["split"].astype(str).to_numpy() == "train"
+    total = int(elements.row_size[in_train].sum())
+    blocks = RecordBlocks(elements.row_size, in_train, slice_reader(elements), block_elements=total // 3,
+                          world_size=2, windows_per_block=4)
+    assert not blocks.in_memory and blocks.n_blocks == 4  # 3 blocks' worth, rounded up to a multiple of 2 ranks
+    batching = dict(max_tokens=800, max_records=16)
+    for epoch in (0, 1):
+        seen = np.concatenate([blocks.records(b, epoch, seed=1) for b in range(blocks.n_blocks)])
+        assert np.array_equal(np.sort(seen), np.flatnonzero(in_train))  # every train record, once
+        plans = [blocks.epoch_plan(epoch, 1, rank, 2, batching) for rank in (0, 1)]
+        assert len(plans[0]) == len(plans[1]) > 0  # the ranks stay in step
+        mine = [{b for b, _ in p} for p in plans]
+        assert not mine[0] & mine[1]  # each rank reads only its own blocks
+        for b, items in plans[0]:
+            assert items.max() < len(blocks.records(b, epoch, 1))
+        block = blocks.read(1, epoch, seed=1)  # the block's records, in the order the plan indexes them
+        ids = elements.records["record_id"].to_numpy()[blocks.records(1, epoch, 1)]
+        assert list(block.records["record_id"]) == list(ids)
+        assert block.n_elements == int(elements.row_size[blocks.records(1, epoch, 1)].sum())
+    # blocks change from epoch to epoch, and are a function of (seed, epoch)
+    assert not np.array_equal(blocks.records(0, 0, 1), blocks.records(0, 1, 1))
+    assert np.array_equal(blocks.records(0, 1, 1), blocks.records(0, 1, 1))
+    # a split within the budget is one block, batched exactly as the whole split always was
+    whole = RecordBlocks(elements.row_size, in_train, slice_reader(elements), block_elements=total)
+    expect = shard(token_batches(elements.row_size[in_train], shuffle=True, seed=1, epoch=0, **batching), 0, 1)
+    got = whole.epoch_plan(0, 1, 0, 1, batching)
+    assert whole.in_memory and all(b == 0 and np.array_equal(i, e) for (b, i), e in zip(got, expect, strict=True))
+    # a sample within a budget comes from windows spread over the split
+    sample = blocks.sample(total // 4)
+    assert 0 < sample.n_elements <= total // 2 and set(sample.records["split"]) == {"train"}

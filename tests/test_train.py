@@ -140,6 +140,30 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, data):
     assert train_losses(again) == train_losses(straight)
 
 
+def test_a_train_split_larger_than_a_block_streams_and_resumes_exactly(tmp_path, data):
+    """train.block_elements below the split's size: the trainer holds one block at a time, reads blocks as
+    the plan reaches them, and a crashed run resumed equals an uninterrupted one."""
+    elements, channels = data
+    config = small_run(steps=10, block_elements=1500)
+    trainer = Trainer(config, elements, channels, tmp_path / "probe", resume=False)
+    assert not trainer.blocks.in_memory and trainer.blocks.n_blocks >= 3 and trainer.train_ds is None
+    trainer.next_batch()
+    held = trainer.train_ds.elements.n_elements
+    assert 0 < held < trainer.blocks.n_elements / 2  # one block in memory, not the split
+    straight = train(config, elements, channels, tmp_path / "straight")
+
+    def crash_at_7(info):
+        if info["step"] == 7:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(config, elements, channels, tmp_path / "resumed", on_step=crash_at_7)
+    resumed = train(config, elements, channels, tmp_path / "resumed", resume=True)
+    assert train_losses(resumed) == train_losses(straight) and len(train_losses(straight)) == 10
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_schedule_and_precision():
     assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
     assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
@@ -175,21 +199,23 @@ def test_torchrun_entry_point_trains_on_a_store(tmp_path, physionet_sample_store
 
 # --- DDP ---------------------------------------------------------------------------------------------------
 
-def _ddp_worker(out: str) -> None:
+def _ddp_worker(out: str, block_elements: int) -> None:
     """Run under torchrun: train, then dump this rank's parameters."""
     elements, channels = synthetic_elements(n_records=60, seed=7)
-    trainer = Trainer(small_run(steps=4, eval_every=100), elements, channels, out)
+    trainer = Trainer(small_run(steps=4, eval_every=100, block_elements=block_elements), elements, channels, out)
     trainer.run()
     state = {k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()}
     save_file(state, os.path.join(out, f"rank{trainer.dist.rank}.safetensors"))
     torch.distributed.destroy_process_group()
 
 
-def test_two_process_ddp_gives_identical_parameters(tmp_path):
+@pytest.mark.parametrize("block_elements", [1 << 22, 1500], ids=["in-memory", "blocks"])
+def test_two_process_ddp_gives_identical_parameters(tmp_path, block_elements):
+    """Both ranks end with the same parameters, whether each holds the whole split or reads its own blocks."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__)), str(tmp_path)]
+           str(Path(__file__)), str(tmp_path), str(block_elements)]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
@@ -210,4 +236,4 @@ def test_two_process_ddp_gives_identical_parameters(tmp_path):
 
 
 if __name__ == "__main__":
-    _ddp_worker(sys.argv[1])
+    _ddp_worker(sys.argv[1], int(sys.argv[2]))

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from datasets.loader.blocks import DEFAULT_BLOCK_ELEMENTS
 from datasets.loader.masking import MaskingConfig
 from perceiver.checkpoint import CONFIG_VERSION, atomic_write_text, load, read_config
 from perceiver.config import FLAT_FIELDS, ModelConfig, build_dataclass
@@ -41,6 +42,9 @@ class TrainConfig:
     precision: str = "auto"
     #: "cpu", "cuda", "cuda:N" or "auto" (the first GPU where torch sees one, else the CPU)
     device: str = "auto"
+    #: elements of the train split one process holds at a time: a larger split is read from the store in blocks
+    #: of this many (about 60 B each in memory), and validation uses a sample of a quarter of it
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 20

@@ -43,7 +43,9 @@ import torch.distributed as dist
 from torch import nn
 
 from datasets.format import ElementSet
-from datasets.loader import ElementDataset, fit_contract, shard, token_batches
+from datasets.loader import ElementDataset, fit_contract, token_batches
+from datasets.loader.blocks import RecordBlocks, slice_reader
+from datasets.store import Store
 from perceiver import checkpoint
 from perceiver.metrics import Metrics
 from perceiver.model import Percival
@@ -73,12 +75,23 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 # the trainer
 # ---------------------------------------------------------------------------------------------------------
 
-def _splits(elements: ElementSet) -> tuple[str | None, str | None]:
+def _splits(records: pd.DataFrame) -> tuple[str | None, str | None]:
     """Train and validation split names: the ``split`` column when present, else all records for training."""
-    if "split" not in elements.records.columns:
+    if "split" not in records.columns:
         return None, None
-    names = set(elements.records["split"].astype(str))
+    names = set(records["split"].astype(str))
     return "train", ("val" if "val" in names else None)
+
+
+def _in_split(records: pd.DataFrame, split: str | None) -> np.ndarray:
+    return np.ones(len(records), bool) if split is None else records["split"].astype(str).to_numpy() == split
+
+
+def _record_source(data: ElementSet | Store) -> tuple[pd.DataFrame, np.ndarray, Callable[[int, int], ElementSet]]:
+    """Records, their sizes and ``read(start, stop)`` of an ElementSet in memory or of a store (read lazily)."""
+    if isinstance(data, ElementSet):
+        return data.records, np.asarray(data.row_size), slice_reader(data)
+    return data.records, data.records["row_size"].to_numpy(), data.read
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -92,7 +105,7 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class Trainer:
     """Model, optimizer, data and position of one run; :meth:`run` trains to ``config.train.steps``."""
 
-    def __init__(self, config: RunConfig, elements: ElementSet, channels: pd.DataFrame, out_dir: str | Path,
+    def __init__(self, config: RunConfig, elements: ElementSet | Store, channels: pd.DataFrame, out_dir: str | Path,
                  resume: bool = True, dist_info: DistInfo | None = None):
         self.dist = dist_info or init_distributed(config.train.device)
         self.out = Path(out_dir)
@@ -102,25 +115,39 @@ class Trainer:
             torch.set_num_threads(threads)
 
         state = checkpoint.load_training_state(self.out) if resume else None
-        train_split, val_split = _splits(elements)
+        records, row_size, read = _record_source(elements)
+        train_split, val_split = _splits(records)
+        # the train split in blocks of at most train.block_elements: one block (in memory) or read block by block
+        self.blocks = RecordBlocks(row_size, _in_split(records, train_split), read, tc.block_elements,
+                                   self.dist.world_size)
+        if self.blocks.n_elements == 0:
+            raise ValueError("no training records")
+        whole = read(0, len(records)) if self.blocks.in_memory else None
         if state is not None:  # a resumed run keeps its own model config and data contract
             saved = RunConfig.from_json(self.out / checkpoint.CONFIG)
             if (saved.train, saved.masking) != (config.train, config.masking):
                 log.warning("resuming %s with a changed train/masking config", self.out)
             config = dataclasses.replace(config, model=saved.model)
-        else:
-            train_records = (np.arange(elements.n_records) if train_split is None else
-                             np.flatnonzero(elements.records["split"].astype(str).to_numpy() == train_split))
-            if len(train_records) == 0:
-                raise ValueError("no training records")
-            contract = fit_contract(elements, channels, train_records)
+        else:  # fitted on the train split, or on a sample of it spread over the store where it is not in memory
+            contract = (fit_contract(whole, channels, np.flatnonzero(_in_split(records, train_split)))
+                        if whole is not None else fit_contract(self.blocks.sample(tc.block_elements), channels))
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, contract=contract))
-        self.train_ds = ElementDataset(elements, channels, config.model.contract, train_split)
-        if len(self.train_ds) == 0:
-            raise ValueError("no training records")
-        self.val_ds = (ElementDataset(elements, channels, config.model.contract, val_split)
-                       if val_split else None)
+        self.channels = channels
         self.config = config
+        self.train_ds = (ElementDataset(whole, channels, config.model.contract, train_split)
+                         if whole is not None else None)  # else the current block's, loaded by next_batch
+        self._block: tuple[int, int] | None = None  # (epoch, block) of train_ds when streaming
+        if not val_split:
+            self.val_ds = None
+        elif whole is not None:
+            self.val_ds = ElementDataset(whole, channels, config.model.contract, val_split)
+        else:  # validation on a sample of the val split within the same budget
+            val = RecordBlocks(row_size, _in_split(records, val_split), read, tc.block_elements)
+            self.val_ds = ElementDataset(val.sample(tc.block_elements // 4), channels, config.model.contract)
+        if not self.blocks.in_memory:
+            log.info("train split: %d elements in %d blocks of about %d per epoch (train.block_elements %d)",
+                     self.blocks.n_elements, self.blocks.n_blocks, self.blocks.n_elements // self.blocks.n_blocks,
+                     tc.block_elements)
 
         torch.manual_seed(tc.seed)
         self.model = Percival(config.model).to(self.dist.device)
@@ -198,22 +225,33 @@ class Trainer:
         tc = self.config.train
         while True:
             if self._epoch_batches is None:
-                batches = token_batches(self.train_ds.lengths, tc.batch_tokens, tc.max_records, shuffle=True,
-                                        seed=tc.seed, epoch=self.epoch, record_cost=tc.record_cost,
-                                        max_elements=tc.max_record_elements)
-                self._epoch_batches = shard(batches, self.dist.rank, self.dist.world_size)
+                batching = dict(max_tokens=tc.batch_tokens, max_records=tc.max_records, record_cost=tc.record_cost,
+                                max_elements=tc.max_record_elements)
+                self._epoch_batches = self.blocks.epoch_plan(self.epoch, tc.seed, self.dist.rank,
+                                                             self.dist.world_size, batching)
                 if not self._epoch_batches:
-                    raise ValueError(f"{len(batches)} batches per epoch cannot feed "
-                                     f"{self.dist.world_size} ranks")
+                    raise ValueError(f"the train split's batches per epoch cannot feed {self.dist.world_size} "
+                                     "ranks")
             if self.batch_in_epoch < len(self._epoch_batches):
                 break
             self.epoch, self.batch_in_epoch, self._epoch_batches = self.epoch + 1, 0, None
         number = self.batch_in_epoch * self.dist.world_size + self.dist.rank
         rng = np.random.default_rng([tc.seed, self.epoch, number])
-        batch = self.train_ds.collate(self._epoch_batches[self.batch_in_epoch], self.config.masking, rng,
-                                      tc.max_record_elements)
+        block, items = self._epoch_batches[self.batch_in_epoch]
+        batch = self._block_dataset(block).collate(items, self.config.masking, rng, tc.max_record_elements)
         self.batch_in_epoch += 1
         return batch.to(self.dist.device)
+
+    def _block_dataset(self, block: int) -> ElementDataset:
+        """The train split's dataset holding ``block`` of this epoch (read when the plan moves to it)."""
+        if self.blocks.in_memory or self._block == (self.epoch, block):
+            return self.train_ds
+        self.train_ds = None  # the previous block's memory goes before the next one is read
+        seed = self.config.train.seed
+        self.train_ds = ElementDataset(self.blocks.read(block, self.epoch, seed), self.channels,
+                                       self.config.model.contract)
+        self._block = (self.epoch, block)
+        return self.train_ds
 
     # -- one step ---------------------------------------------------------------------------------------
     def train_step(self, batch: PackedBatch) -> tuple[float, float]:
@@ -318,9 +356,11 @@ class Trainer:
         return stop
 
 
-def train(config: RunConfig, elements: ElementSet, channels: pd.DataFrame, out_dir: str | Path,
+def train(config: RunConfig, elements: ElementSet | Store, channels: pd.DataFrame, out_dir: str | Path,
           resume: bool = True, on_step: Callable[[dict], None] | None = None) -> Path:
-    """Train a model on the train split of ``elements`` (all records when there is no ``split`` column).
+    """Train a model on the train split of ``elements`` (all records when there is no ``split`` column): an
+    ElementSet in memory, or a :class:`~datasets.store.Store` read block by block where its train split is
+    larger than ``config.train.block_elements``.
 
     Returns ``out_dir`` holding ``config.json``, ``model.safetensors``, ``training_state.pt`` and
     ``metrics.jsonl``. With ``resume=True`` an existing ``training_state.pt`` is continued exactly. Under
@@ -345,9 +385,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     store = open_store(args.store)
-    try:
-        path = train(RunConfig.from_json(args.config), store.read(), store.channels, args.out,
-                     resume=not args.no_resume)
+    try:  # each rank reads its own blocks of the store (all of it where the train split is one block)
+        path = train(RunConfig.from_json(args.config), store, store.channels, args.out, resume=not args.no_resume)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
