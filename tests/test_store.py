@@ -184,3 +184,24 @@ def test_channel_table_carries_physical_ranges_into_the_model_contract(physionet
     assert not ((elements.value < lo) | (elements.value > hi)).any()  # what lay outside is in the quarantine
     spec = {c.name: c for c in fit_contract(elements, store.channels).channels}
     assert (spec["FiO2"].valid_min, spec["FiO2"].valid_max) == (0.0, 1.0)
+
+
+def test_statistics_of_a_large_store_come_from_a_bounded_sample(tmp_path, samples, monkeypatch):
+    """Channels with more train elements than STATISTICS_SAMPLE get their statistics from a fixed subset of
+    that many (memory stays bounded); counts stay exact and the estimates stay close."""
+    from datasets.store import writer
+
+    full = str(tmp_path / "full.zarr")
+    ingest("plasticc", str(samples / "plasticc"), full)
+    monkeypatch.setattr(writer, "STATISTICS_SAMPLE", 2000)
+    monkeypatch.setattr(writer, "STATISTICS_CHUNK", 7919)  # chunks that cut records: the sample must not care
+    sampled = str(tmp_path / "sampled.zarr")
+    ingest("plasticc", str(samples / "plasticc"), sampled)
+    a, b = open_store(full).channels, open_store(sampled).channels
+    assert (a["count"] > 2000).sum() >= 4 and (a["count"] == b["count"]).all()
+    np.testing.assert_allclose(b["scale"], a["scale"], rtol=0.15)
+    assert (np.abs(b["location"] - a["location"]) <= 0.15 * a["scale"]).all()
+    monkeypatch.setattr(writer, "STATISTICS_CHUNK", 1 << 22)
+    with writer.StoreWriter(sampled, get_source("plasticc")) as w:  # the same subset whatever the chunking
+        again = w.update_statistics()
+    np.testing.assert_array_equal(again["location"], b["location"])

@@ -31,6 +31,17 @@ from datasets.store.layout import (
 )
 
 DIMENSIONS = ("element", "record", "channel", "quarantine", "ingested_unit")
+#: train elements per channel the normalisation statistics are computed on (all of them where fewer)
+STATISTICS_SAMPLE = 1 << 21
+#: elements read at a time when computing the statistics
+STATISTICS_CHUNK = 1 << 22
+
+
+def _position_uniform(start: int, stop: int) -> np.ndarray:
+    """A fixed pseudo-random number in [0, 1) per element position ``start:stop`` (a multiplicative hash): the
+    same elements are sampled whatever the chunking and however often the statistics are recomputed."""
+    x = np.arange(start, stop, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 RESERVED_RECORD_COLUMNS = ("record_id", "source_file")
 
 
@@ -110,15 +121,36 @@ class StoreWriter:
         return bool(self.meta.get("statistics_current", True))
 
     def update_statistics(self) -> pd.DataFrame:
-        """Recompute the channel table's normalisation statistics on the train split, and commit."""
+        """Recompute the channel table's normalisation statistics on the train split, and commit.
+
+        The store is read in chunks of :data:`STATISTICS_CHUNK` elements, twice: once to count each channel's
+        train elements, once to keep at most :data:`STATISTICS_SAMPLE` of them per channel (a fixed
+        pseudo-random subset, by element position; all of them where a channel has fewer), on which the
+        statistics are computed. Memory stays bounded however large the store grows."""
         n_el, n_rec = self.count("element"), self.count("record")
         table = self.channel_table()
         if n_el:
-            row_size = self.group["row_size"][:n_rec]
+            offsets = np.cumsum(self.group["row_size"][:n_rec])
             train_record = self.group["split"][:n_rec] == "train"
-            train = np.repeat(train_record, row_size)
-            stats = channel_statistics(self.group["channel"][:n_el], self.group["value"][:n_el],
-                                       self.group["error"][:n_el], table, train)
+            chunks = [(a, min(a + STATISTICS_CHUNK, n_el)) for a in range(0, n_el, STATISTICS_CHUNK)]
+
+            def train_channels(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+                train = train_record[np.searchsorted(offsets, np.arange(a, b), side="right")]
+                return train, self.group["channel"][a:b].astype(np.int64)
+
+            counts = np.zeros(len(table), np.int64)
+            for a, b in chunks:
+                train, ch = train_channels(a, b)
+                counts += np.bincount(ch[train], minlength=len(table))
+            rate = np.minimum(1.0, STATISTICS_SAMPLE / np.maximum(counts, 1))
+            parts = []
+            for a, b in chunks:
+                train, ch = train_channels(a, b)
+                keep = train if (rate == 1).all() else train & (_position_uniform(a, b) < rate[ch])
+                parts.append((ch[keep], self.group["value"][a:b][keep], self.group["error"][a:b][keep]))
+            ch, value, error = (np.concatenate(x) for x in zip(*parts, strict=True))
+            stats = channel_statistics(ch, value, error, table, np.ones(len(ch), bool))
+            stats["count"] = counts
             for col in ("transform", "softening", "bound_width", "location", "scale", "count"):
                 name, dtype = CHANNEL_COLUMNS[col]
                 data = stats[col].to_numpy()
