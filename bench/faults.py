@@ -142,6 +142,28 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def object_store(work: Path, moments: int, seed: int) -> list[Row]:
+    """kill -9 during ingests into a bucket of an S3-compatible server (moto, server mode, started here), and two
+    concurrent ingests into one bucket store: the Icechunk rows of the table."""
+    from object_store import ENV, S3Server, start_server
+
+    server, endpoint = start_server()
+    saved = {k: os.environ.get(k) for k in [*ENV, "AWS_ENDPOINT_URL"]}
+    os.environ.update(ENV, AWS_ENDPOINT_URL=endpoint)
+    try:
+        s3 = S3Server(endpoint)
+        (work / "s3").mkdir(exist_ok=True)
+        rows = faults.kill_ingest(work / "s3", moments, seed, store_root=f"s3://{s3.new_bucket()}/kills")
+        return [*rows, faults.concurrent_writers(work / "s3", f"s3://{s3.new_bucket()}/race", trials=3)]
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--moments", type=int, default=20, help="kill -9 moments per phase")
@@ -180,6 +202,7 @@ def main() -> int:
                  ("untrusted", lambda: [faults.untrusted_files(work, ckpt)]),
                  ("retries", lambda: faults.retries(work, store, ckpt)),
                  ("lock wait", lambda: [lock_wait(work)]),
+                 ("object store", lambda: object_store(work, args.moments, args.seed)),
                  ("load", lambda: [load(work, store, ckpt, os.environ.get("PREFECT_API_URL"))])]
         for name, fn in steps:
             if args.only and name not in args.only:
