@@ -91,7 +91,7 @@ def measure(cmd: list[str], log: Path) -> dict:
                     continue
                 tree += kib.get("VmRSS", 0)
                 peaks[p.pid] = max(peaks.get(p.pid, 0), kib.get("VmHWM", 0))
-                if p.pid not in names:
+                if not names.get(p.pid, "").startswith("rank"):  # a worker is torchrun's fork until it execs
                     names[p.pid] = _process_name(p)
             tree_peak = max(tree_peak, tree)
             time.sleep(POLL_S)
