@@ -77,6 +77,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                   nproc=args.nproc, resume=not args.no_resume, head=args.head, device=args.device,
                   nnodes=args.nnodes, node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint,
                   rdzv_id=args.rdzv_id)
+    from pipelines.train import check_launch
+
+    check_launch(args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint)  # before the API server is waited for
     if args.no_prefect:
         import logging
 

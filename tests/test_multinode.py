@@ -48,6 +48,16 @@ def test_a_launch_that_cannot_join_up_is_a_value_error_naming_the_flags(kwargs, 
     assert all(w in str(e.value) for w in words)
 
 
+@pytest.mark.parametrize("prefect", [[], ["--no-prefect"]])
+def test_cli_says_which_flag_is_missing_before_any_work(tmp_path, capsys, prefect):
+    from pipelines.cli import main
+
+    out = tmp_path / "out"
+    assert main(["train", "store.zarr", "--out", str(out), "--nnodes", "2", *prefect]) == 2
+    err = capsys.readouterr().err
+    assert "--rdzv-endpoint HOST:PORT" in err and "Traceback" not in err and not out.exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
