@@ -73,12 +73,25 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipelines.train import train_flow
+    kwargs = dict(preset=args.preset, steps=args.steps, overrides=args.set, config_path=args.config,
+                  nproc=args.nproc, resume=not args.no_resume, head=args.head, device=args.device,
+                  nnodes=args.nnodes, node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint,
+                  rdzv_id=args.rdzv_id)
+    from pipelines.train import check_launch
 
-    with prefect_env.api():
-        summary = train_flow(args.store, args.out, preset=args.preset, steps=args.steps, overrides=args.set,
-                             config_path=args.config, nproc=args.nproc, resume=not args.no_resume,
-                             head=args.head, device=args.device)
+    check_launch(args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint)  # before the API server is waited for
+    if args.no_prefect:
+        import logging
+
+        from pipelines.train import train_local
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        summary = train_local(args.store, args.out, **kwargs)
+    else:
+        from pipelines.train import train_flow
+
+        with prefect_env.api():
+            summary = train_flow(args.store, args.out, **kwargs)
     print(json.dumps(summary, indent=1, default=str))
     return 0
 
@@ -168,9 +181,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
     tr.add_argument("--head", default=None, help="output head: gaussian (the default) or another registered "
                                                   "in perceiver.heads.HEADS")
-    tr.add_argument("--nproc", type=int, default=1, help="DDP processes (torchrun); default 1")
+    tr.add_argument("--nproc", type=int, default=1, help="DDP processes (torchrun) on this machine; default 1")
+    tr.add_argument("--nnodes", type=int, default=1, help="machines in the run (default 1); > 1 needs "
+                    "--rdzv-endpoint, and the same command runs on every machine with its own --node-rank")
+    tr.add_argument("--node-rank", type=int, default=0,
+                    help="this machine's number, 0..nnodes-1 (default 0); 0 hosts the rendezvous")
+    tr.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                    help="torchrun's c10d rendezvous: HOST is the machine started with --node-rank 0")
+    tr.add_argument("--rdzv-id", default=None,
+                    help="rendezvous id, the same on every machine (default: percival-<name of --out>)")
     tr.add_argument("--no-resume", action="store_true", help="start afresh even if --out holds a checkpoint")
     _device_option(tr, default=None, default_text="the config's train.device, auto")
+    tr.add_argument("--no-prefect", action="store_true", help="train without Prefect (no API server, no artifact)")
     tr.set_defaults(fn=cmd_train)
 
     rc = sub.add_parser("reconstruct", help="batch inference over a store into a reconstruction store")
