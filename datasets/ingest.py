@@ -159,6 +159,10 @@ def shard_specs(source: Source, source_name: str, units: list[Unit], done: set[t
             for i, c in enumerate(chunks)]
 
 
+#: reads shards somewhere (``map_shards(read_shard, specs)``), yielding their results in the order of ``specs``
+ShardMapper = Callable[[Callable[[ShardSpec], Validated], list[ShardSpec]], Iterator[Validated]]
+
+
 def read_shard(spec: ShardSpec) -> Validated:
     """Read and validate one shard (runs anywhere: main process, worker process, Prefect task)."""
     source = get_source(spec.source, storage_options=spec.input_storage_options, **spec.options)
@@ -180,7 +184,8 @@ def commit_shards(writer: StoreWriter, results: Iterable[tuple[ShardSpec, Valida
 def ingest(source: str, path: str, store: str, *, shard_size: int | None = None, workers: int = 1,
            options: dict | None = None, max_record_elements: int = DEFAULT_MAX_RECORD_ELEMENTS,
            storage_options: dict | None = None, input_storage_options: dict | None = None,
-           progress: Callable[[int, IngestReport], None] | None = None) -> IngestReport:
+           progress: Callable[[int, IngestReport], None] | None = None,
+           map_shards: ShardMapper | None = None) -> IngestReport:
     """Ingest the archive at ``path`` (file or directory) read by ``source`` into the store at ``store``.
 
     ``path`` is a local path or an fsspec URL (``s3://``, ``gs://``, ``https://``, ...) read with
@@ -188,6 +193,8 @@ def ingest(source: str, path: str, store: str, *, shard_size: int | None = None,
     A missing ``path`` or one in which the source finds no units raises ``FileNotFoundError`` naming it.
 
     ``workers`` > 1 reads shards in that many spawned processes; commits stay in shard order.
+    ``map_shards(read_shard, specs)``, where given, reads them instead (e.g. on a Dask cluster: see
+    :mod:`pipelines.ingest`), yielding the validated shards in the order of ``specs``.
     ``progress(shard_index, report)`` is called after each commit. Returns the reconciled report.
     """
     t0 = time.perf_counter()
@@ -204,8 +211,8 @@ def ingest(source: str, path: str, store: str, *, shard_size: int | None = None,
                     specs = shard_specs(src, source, units, writer.ingested, shard_size, first.options,
                                         first.max_record_elements, first.input_storage_options)
                 report.shards_planned = report.shards + len(specs)
-                commit_shards(writer, zip(specs, _map(read_shard, specs, workers), strict=True), report,
-                              progress)
+                read = map_shards(read_shard, specs) if map_shards else _map(read_shard, specs, workers)
+                commit_shards(writer, zip(specs, read, strict=True), report, progress)
                 # an unchanged archive changes nothing, not even the statistics' timestamp; statistics that a
                 # killed run never wrote are written now
                 if specs or not writer.statistics_current:

@@ -48,7 +48,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         from pipelines.ingest import ingest_flow
 
         with prefect_env.api():
-            summary = ingest_flow(args.source, args.path, args.store, workers=args.workers, **kwargs)
+            summary = ingest_flow(args.source, args.path, args.store, workers=args.workers, runner=args.runner,
+                                  dask_address=args.dask_address, **kwargs)
         print(json.dumps(summary, indent=1))
     return 0 if summary["reconciles"] else 1
 
@@ -155,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     ing.add_argument("--store", required=True, help="output store: a path (OUT.zarr) or an fsspec URL")
     ing.add_argument("--shard-size", type=int, default=None, help="units (files) per shard; default per source")
     ing.add_argument("--workers", type=int, default=2, help="shards read at once (default 2)")
+    ing.add_argument("--runner", choices=["local", "dask"], default="local",
+                     help="local (default): shards read in --workers local processes; dask: each shard a "
+                          "Prefect task on a Dask cluster (local, --workers processes, or --dask-address)")
+    ing.add_argument("--dask-address", default=None, help="an existing Dask scheduler, e.g. tcp://host:8786 "
+                                                            "(implies --runner dask)")
     ing.add_argument("--max-record-elements", type=int, default=200_000,
                      help="records with more elements are quarantined (default 200000)")
     ing.add_argument("--option", action="append", metavar="KEY=VALUE",

@@ -3,12 +3,17 @@
 The work runs exactly as it does without Prefect (shards read in ``workers`` spawned processes, committed in
 shard order by this process), so the flow adds only its start-up, not a per-shard round trip to the API.
 A retried attempt resumes: units committed by the failed attempt are in the store's ledger and are skipped.
+With ``runner="dask"`` each shard is read by a Prefect task on Prefect's Dask task runner (a local cluster or
+a scheduler's workers: scale-out beyond one machine) and the flow's process commits them in shard order.
 The report is a Markdown artifact and a table artifact; a progress artifact moves as shards commit.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections import deque
+from collections.abc import Iterator
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -19,15 +24,15 @@ from prefect.artifacts import (
 )
 from prefect.types import SecretDict
 
-from datasets.ingest import IngestReport, ingest
-from datasets.schema import DEFAULT_MAX_RECORD_ELEMENTS
+from datasets.ingest import IngestReport, ShardMapper, ShardSpec, ingest, read_shard
+from datasets.schema import DEFAULT_MAX_RECORD_ELEMENTS, Validated
+from pipelines import prefect_env
 from pipelines.retries import retry_on_io
 
 
-@task(name="ingest-archive", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io,
-      task_run_name="ingest-{source}")
-def ingest_task(source: str, path: str, store: str, shard_size: int | None, workers: int, options: dict,
-                max_record_elements: int, input_storage_options: SecretDict | None = None) -> IngestReport:
+def _run_ingest(source: str, path: str, store: str, shard_size: int | None, workers: int, options: dict,
+                max_record_elements: int, input_storage_options: SecretDict | None,
+                map_shards: ShardMapper | None = None) -> IngestReport:
     logger = get_run_logger()
     progress_id = create_progress_artifact(0.0, description=f"ingest {source} -> {store}")
 
@@ -38,24 +43,75 @@ def ingest_task(source: str, path: str, store: str, shard_size: int | None, work
 
     report = ingest(source, path, store, shard_size=shard_size, workers=workers, options=options,
                     max_record_elements=max_record_elements, progress=progress,
-                    input_storage_options=_secret(input_storage_options))
+                    input_storage_options=_secret(input_storage_options), map_shards=map_shards)
     logger.info("%s: %d units, %d skipped (already in the store), %d shards", path, report.units_found,
                 report.units_skipped, report.shards)
     update_progress_artifact(progress_id, 100.0)
     return report
 
 
+@task(name="ingest-archive", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io,
+      task_run_name="ingest-{source}")
+def ingest_task(source: str, path: str, store: str, shard_size: int | None, workers: int, options: dict,
+                max_record_elements: int, input_storage_options: SecretDict | None = None) -> IngestReport:
+    return _run_ingest(source, path, store, shard_size, workers, options, max_record_elements,
+                       input_storage_options)
+
+
+@task(name="read-shard", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io,
+      task_run_name="read-shard-{spec.index}")
+def read_shard_task(spec: ShardSpec) -> Validated:
+    return read_shard(spec)
+
+
+def dask_shards(workers: int, address: str | None = None) -> ShardMapper:
+    """Read shards as Prefect tasks on a Dask cluster (the scheduler at ``address``, else a local cluster of
+    ``workers`` processes), at most two per worker in flight so that memory stays bounded; results come back
+    in shard order, to be committed by the flow's process."""
+    def map_shards(fn, specs: list[ShardSpec]) -> Iterator[Validated]:
+        from prefect_dask import DaskTaskRunner
+
+        runner = DaskTaskRunner(address=address) if address else DaskTaskRunner(cluster_kwargs={
+            "n_workers": max(workers, 1), "threads_per_worker": 1, "processes": True, "dashboard_address": None})
+        ahead = 2 * max(workers, 1)
+        with prefect_env.workers_share_api(), runner:
+            pending: deque = deque()
+            todo = iter(specs)
+            for spec in itertools.islice(todo, ahead):
+                pending.append(runner.submit(read_shard_task, {"spec": spec}))
+            while pending:
+                result = pending.popleft().result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(runner.submit(read_shard_task, {"spec": nxt}))
+                yield result
+
+    return map_shards
+
+
 @flow(name="ingest", log_prints=True)
 def ingest_flow(source: str, path: str, store: str, shard_size: int | None = None, workers: int = 2,
                 options: dict | None = None,
                 max_record_elements: int = DEFAULT_MAX_RECORD_ELEMENTS,
-                input_storage_options: SecretDict | None = None) -> dict:
+                input_storage_options: SecretDict | None = None, runner: str = "local",
+                dask_address: str | None = None) -> dict:
     """Ingest the archive at ``path`` (a path or an fsspec URL) into ``store``, reading shards in ``workers``
     processes; returns the report's summary (counts reconcile). ``input_storage_options`` (fsspec: credentials,
-    endpoint) read the archive; they are a secret parameter, shown obfuscated by Prefect."""
+    endpoint) read the archive; they are a secret parameter, shown obfuscated by Prefect.
+
+    ``runner="dask"`` reads each shard as a Prefect task on Prefect's Dask task runner (a local cluster of
+    ``workers`` processes, or the scheduler at ``dask_address``; its workers must be able to read ``path``);
+    this process commits them in shard order. ``"local"`` (default): one coarse task reading shards in
+    ``workers`` local processes."""
+    if runner not in ("local", "dask"):
+        raise ValueError(f"runner must be 'local' or 'dask', got {runner!r}")
     t0 = time.perf_counter()
-    report = ingest_task(source, path, store, shard_size, workers, dict(options or {}), max_record_elements,
-                         input_storage_options)
+    if runner == "dask" or dask_address:
+        report = _run_ingest(source, path, store, shard_size, workers, dict(options or {}), max_record_elements,
+                             input_storage_options, dask_shards(workers, dask_address))
+    else:
+        report = ingest_task(source, path, store, shard_size, workers, dict(options or {}), max_record_elements,
+                             input_storage_options)
     report.seconds = time.perf_counter() - t0
     _publish(report)
     return report.summary()
