@@ -18,9 +18,10 @@ Two layouts are read, from a local directory or any fsspec URL:
   ``plasticc_test_lightcurves_01.csv.gz`` ...; tens of millions of rows each, objects contiguous) beside one
   ``plasticc_test_metadata.csv(.gz)`` (``target`` from ``target`` or ``true_target``, NaN when blinded). These
   files are streamed: a unit is a *piece* ``bytes A-B`` of a file's (uncompressed) text, ``piece_bytes`` long
-  (default 96 MiB, ~2 M rows), owning the objects whose first row starts in it, so an object is never split
-  between units. Only the metadata of a piece's objects is used (the metadata file is read once per process).
-  A piece's records and quarantine rows name it (``plasticc_test_set_batch1.csv:bytes 0-100663296``) and their
+  (default 16 MiB, ~400 k rows, ~100 MB of memory while read), owning the objects whose first row starts in
+  it, so an object is never split between units. Only the metadata of a piece's objects is used (the
+  metadata file is read once per process).
+  A piece's records and quarantine rows name it (``plasticc_test_set_batch1.csv:bytes 0-16777216``) and their
   ``row`` is the line within the piece (line 1: its first line; the header is line 1 of the first piece).
   Keep ``piece_bytes`` fixed for a store: other pieces are other units. Metadata objects without a light
   curve are not stored in this layout (no piece holds them).
@@ -71,7 +72,7 @@ class PLAsTiCC(Source):
     OPTION_HELP = {"piece_bytes": "bytes of (uncompressed) text per unit of a test-layout light-curve file "
                                   "(~50 bytes a row; an object is never split)"}
 
-    def __init__(self, piece_bytes: int = 96 << 20) -> None:
+    def __init__(self, piece_bytes: int = 16 << 20) -> None:
         if int(piece_bytes) < 1:
             raise ValueError(f"piece_bytes must be a positive number of bytes, not {piece_bytes!r}")
         self.piece_bytes = int(piece_bytes)

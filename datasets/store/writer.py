@@ -136,13 +136,13 @@ class StoreWriter:
 
             def train_channels(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
                 train = train_record[np.searchsorted(offsets, np.arange(a, b), side="right")]
-                return train, self.group["channel"][a:b].astype(np.int64)
+                return train, self.group["channel"][a:b]
 
             counts = np.zeros(len(table), np.int64)
             for a, b in chunks:
                 train, ch = train_channels(a, b)
                 counts += np.bincount(ch[train], minlength=len(table))
-            rate = np.minimum(1.0, STATISTICS_SAMPLE / np.maximum(counts, 1))
+            rate = np.minimum(1.0, STATISTICS_SAMPLE / np.maximum(counts, 1))  # per channel
             parts = []
             for a, b in chunks:
                 train, ch = train_channels(a, b)
