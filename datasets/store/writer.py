@@ -34,7 +34,7 @@ DIMENSIONS = ("element", "record", "channel", "quarantine", "ingested_unit")
 #: train elements per channel the normalisation statistics are computed on (all of them where fewer)
 STATISTICS_SAMPLE = 1 << 21
 #: elements read at a time when computing the statistics
-STATISTICS_CHUNK = 1 << 22
+STATISTICS_CHUNK = 1 << 20
 
 
 def _position_uniform(start: int, stop: int) -> np.ndarray:
@@ -143,13 +143,23 @@ class StoreWriter:
                 train, ch = train_channels(a, b)
                 counts += np.bincount(ch[train], minlength=len(table))
             rate = np.minimum(1.0, STATISTICS_SAMPLE / np.maximum(counts, 1))  # per channel
-            parts = []
+            kept: dict[int, list] = {c: [] for c in np.flatnonzero(counts)}  # channel -> [(value, error), ...]
             for a, b in chunks:
                 train, ch = train_channels(a, b)
                 keep = train if (rate == 1).all() else train & (_position_uniform(a, b) < rate[ch])
-                parts.append((ch[keep], self.group["value"][a:b][keep], self.group["error"][a:b][keep]))
-            ch, value, error = (np.concatenate(x) for x in zip(*parts, strict=True))
-            stats = channel_statistics(ch, value, error, table, np.ones(len(ch), bool))
+                ch, value, error = ch[keep], self.group["value"][a:b][keep], self.group["error"][a:b][keep]
+                for c in np.unique(ch):
+                    mine = ch == c
+                    kept[int(c)].append((value[mine], error[mine]))
+            # one channel at a time: the temporaries of the statistics are those of one channel's sample
+            stats = channel_statistics(np.zeros(0, np.int16), np.zeros(0, np.float32), np.zeros(0, np.float32),
+                                       table, np.zeros(0, bool))
+            for c, parts in kept.items():
+                value, error = (np.concatenate(x) for x in zip(*parts, strict=True))
+                one = channel_statistics(np.full(len(value), c, np.int16), value, error, table,
+                                         np.ones(len(value), bool))
+                stats.iloc[c] = one.iloc[c]
+                kept[c] = []
             stats["count"] = counts
             for col in ("transform", "softening", "bound_width", "location", "scale", "count"):
                 name, dtype = CHANNEL_COLUMNS[col]
