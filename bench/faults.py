@@ -145,23 +145,12 @@ def table(rows: list[Row]) -> str:
 def object_store(work: Path, moments: int, seed: int) -> list[Row]:
     """kill -9 during ingests into a bucket of an S3-compatible server (moto, server mode, started here), and two
     concurrent ingests into one bucket store: the Icechunk rows of the table."""
-    from object_store import ENV, S3Server, start_server
+    from object_store import running_server
 
-    server, endpoint = start_server()
-    saved = {k: os.environ.get(k) for k in [*ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update(ENV, AWS_ENDPOINT_URL=endpoint)
-    try:
-        s3 = S3Server(endpoint)
+    with running_server() as s3:
         (work / "s3").mkdir(exist_ok=True)
         rows = faults.kill_ingest(work / "s3", moments, seed, store_root=f"s3://{s3.new_bucket()}/kills")
         return [*rows, faults.concurrent_writers(work / "s3", f"s3://{s3.new_bucket()}/race", trials=3)]
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def main() -> int:

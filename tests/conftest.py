@@ -55,17 +55,7 @@ def tiny_checkpoint(tmp_path_factory, physionet_sample_store) -> str:
 def s3_server():
     """An S3-compatible server (moto, server mode) for the session, with the standard AWS_* environment
     pointing at it (see ``tests/object_store.py``)."""
-    from object_store import ENV, S3Server, start_server
+    from object_store import running_server
 
-    server, endpoint = start_server()
-    saved = {k: os.environ.get(k) for k in [*ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update(ENV, AWS_ENDPOINT_URL=endpoint)
-    try:
-        yield S3Server(endpoint)
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with running_server() as server:
+        yield server

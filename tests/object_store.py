@@ -7,9 +7,11 @@ user's would. ``new_bucket`` makes a fresh bucket per test.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -55,3 +57,20 @@ def start_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     return server, f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def running_server() -> Iterator[S3Server]:
+    """A server for the block, with the standard AWS_* environment pointing at it (restored afterwards)."""
+    server, endpoint = start_server()
+    saved = {k: os.environ.get(k) for k in [*ENV, "AWS_ENDPOINT_URL"]}
+    os.environ.update(ENV, AWS_ENDPOINT_URL=endpoint)
+    try:
+        yield S3Server(endpoint)
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -114,17 +114,22 @@ class Crash(Exception):
     pass
 
 
+def crash_at(step: int):
+    """An ``on_step`` callback that crashes the run after ``step``."""
+    def on_step(info: dict) -> None:
+        if info["step"] == step:
+            raise Crash
+
+    return on_step
+
+
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, data):
     elements, channels = data
     config = small_run(steps=8)
     straight = train(config, elements, channels, tmp_path / "straight")
 
-    def crash_at_5(info):
-        if info["step"] == 5:
-            raise Crash
-
     with pytest.raises(Crash):
-        train(config, elements, channels, tmp_path / "resumed", on_step=crash_at_5)
+        train(config, elements, channels, tmp_path / "resumed", on_step=crash_at(5))
     state = checkpoint.load_training_state(tmp_path / "resumed")
     assert state["step"] == 3  # the last checkpoint before the crash
     assert max(train_losses(tmp_path / "resumed")) == 5  # steps 4, 5 were logged, then lost
@@ -152,12 +157,8 @@ def test_a_train_split_larger_than_a_block_streams_and_resumes_exactly(tmp_path,
     assert 0 < held < trainer.blocks.n_elements / 2  # one block in memory, not the split
     straight = train(config, elements, channels, tmp_path / "straight")
 
-    def crash_at_7(info):
-        if info["step"] == 7:
-            raise Crash
-
     with pytest.raises(Crash):
-        train(config, elements, channels, tmp_path / "resumed", on_step=crash_at_7)
+        train(config, elements, channels, tmp_path / "resumed", on_step=crash_at(7))
     resumed = train(config, elements, channels, tmp_path / "resumed", resume=True)
     assert train_losses(resumed) == train_losses(straight) and len(train_losses(straight)) == 10
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
