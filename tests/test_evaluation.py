@@ -405,3 +405,23 @@ def test_a_channel_protocol_hides_one_channel_where_the_record_has_another():
     with pytest.raises(ValueError, match="no channel 'z'"):
         hidden_elements(offsets, modality, np.arange(8.0), "channel:z", ["m"], np.random.default_rng(0), channel,
                         ["a", "b", "c"])
+
+
+def test_a_split_is_read_window_by_window_and_sampled_beyond_the_budget(physionet_sample_store, tiny_checkpoint):
+    """load_split holds the split, not the store: read window by window, the same dataset as gathering its
+    records; beyond ``max_elements`` a sample of windows spread over the split (archive-scale evaluation)."""
+    from datasets.store import open_store
+    from perceiver.checkpoint import load
+
+    st = open_store(physionet_sample_store)
+    contract = load(tiny_checkpoint).config.contract
+    positions = np.flatnonzero(st.records["split"].astype(str).to_numpy() == "train")
+    whole = load_split(st, "train", contract)
+    gathered = st.take(positions)
+    assert list(whole.elements.records["record_id"]) == list(gathered.records["record_id"])
+    np.testing.assert_array_equal(whole.value, load_split(st, "train", contract, max_records=len(positions)).value)
+    sample = load_split(st, "train", contract, max_elements=whole.n_elements // 5)
+    ids = set(sample.elements.records["record_id"])
+    assert ids < set(gathered.records["record_id"]) and 0 < sample.n_elements < whole.n_elements // 2
+    first, last = gathered.records["record_id"].iloc[0], gathered.records["record_id"].iloc[-1]
+    assert first in ids and last in ids  # windows from the start to the end of the split

@@ -107,12 +107,14 @@ class RecordBlocks:
     def sample(self, budget: int) -> ElementSet:
         """About ``budget`` elements of the split from windows spread evenly over the source (all of it where
         it fits): what a data contract is fitted on and a validation score is computed on."""
-        if self.n_elements <= budget:
-            return concat([select(self._read(0, len(self.row_size)), self.in_split)])
         m = DEFAULT_WINDOWS_PER_BLOCK  # m evenly spaced windows of about budget / m elements each
-        windows = self._cut(-(-m * self.n_elements // max(budget, 1)))
-        take = np.unique(np.linspace(0, len(windows) - 1, m).round().astype(int))
-        return concat([select(self._read(int(a), int(b)), self.in_split[a:b]) for a, b in windows[take]])
+        if self.n_elements <= budget:  # all of it, still one window at a time (memory: the split, not the source)
+            windows = self._cut(m)
+        else:
+            windows = self._cut(-(-m * self.n_elements // max(budget, 1)))
+            windows = windows[np.unique(np.linspace(0, len(windows) - 1, m).round().astype(int))]
+        parts = [select(self._read(int(a), int(b)), self.in_split[a:b]) for a, b in windows if b > a]
+        return concat(parts) if parts else self._read(0, 0)
 
 
 def select(elements: ElementSet, keep: np.ndarray) -> ElementSet:

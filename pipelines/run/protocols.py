@@ -18,14 +18,18 @@ the same hidden elements on every run.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from datasets.loader import ElementDataset, MaskingConfig, plan_masks
+from datasets.loader.blocks import RecordBlocks
 from datasets.store.reader import Store
 from perceiver.contract import DataContract
 from perceiver.packing import segment_ids
+
+log = logging.getLogger("pipelines.run.protocols")
 
 #: each split's stream of the seeded generator (the plan of a split never depends on another split)
 SPLIT_STREAM = {"train": 0, "val": 1, "test": 2}
@@ -110,14 +114,26 @@ def hidden_elements(offsets: np.ndarray, modality: np.ndarray, time: np.ndarray,
     return is_m & (has_m & has_other)[record]
 
 
-def load_split(store: Store, split: str, contract: DataContract, max_records: int | None = None
-               ) -> ElementDataset:
+#: elements of a split an evaluation holds at a time (~1 GB normalised): a larger split is scored on a sample
+#: of windows of records spread over the store (the full PhysioNet and PLAsTiCC splits are far below it)
+EVALUATION_ELEMENTS = 1 << 24
+
+
+def load_split(store: Store, split: str, contract: DataContract, max_records: int | None = None,
+               max_elements: int = EVALUATION_ELEMENTS) -> ElementDataset:
     """The records of ``split`` (the first ``max_records`` in store order), normalised with the model's
-    ``contract``, as an ElementDataset."""
-    positions = np.flatnonzero(store.records["split"].astype(str).to_numpy() == split)
+    ``contract``, as an ElementDataset. The store is read window by window, so memory holds the split, not the
+    store; a split of more than ``max_elements`` elements is sampled (16 windows of records spread over it,
+    about ``max_elements`` in all, logged)."""
+    in_split = store.records["split"].astype(str).to_numpy() == split
     if max_records is not None:
-        positions = positions[:max_records]
-    return ElementDataset(store.take(positions), store.channels, contract, where=store.url)
+        positions = np.flatnonzero(in_split)[:max_records]
+        return ElementDataset(store.take(positions), store.channels, contract, where=store.url)
+    blocks = RecordBlocks(store.records["row_size"].to_numpy(), in_split, store.read, max_elements)
+    if blocks.n_elements > max_elements:
+        log.warning("%s: the %s split has %d elements, more than %d: scoring a sample of windows spread over it",
+                    store.url, split, blocks.n_elements, max_elements)
+    return ElementDataset(blocks.sample(max_elements), store.channels, contract, where=store.url)
 
 
 def split_plan(ds: ElementDataset, protocol: Protocol | str, seed: int, split: str) -> np.ndarray:
