@@ -148,6 +148,8 @@ def _device_option(parser: argparse.ArgumentParser, default: str | None = "auto"
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="percival", description=__doc__)
+    p.add_argument("--version", action="version", version=f"percival {_version()}")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     ing = sub.add_parser("ingest", help="ingest an archive into a Zarr store (Prefect flow)")
@@ -273,10 +275,31 @@ def main(argv: list[str] | None = None) -> int:
         prefect_env.start_api_early()  # comes up while the command imports its flow
     try:
         return args.fn(args)
-    except (ValueError, OSError) as e:  # bad input (a contract mismatch, a protocol that
-        # scores nothing, a missing file): one line that names it, and a non-zero exit
-        print(f"percival {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - one line that names the problem, and a non-zero exit
+        if args.debug:
+            raise
+        print(f"percival {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: BaseException) -> str:
+    """An error as one line: bad input (ValueError, OSError, a store that is not one) by its message, anything
+    else with its type and the way to see more."""
+    from datasets.store import StoreError  # (imported on the error path only: zarr is slow to import)
+
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, (ValueError, OSError, StoreError)):
+        return text
+    return f"{type(error).__name__}: {text} (run `percival --debug ...` for the traceback)"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("percival")
+    except PackageNotFoundError:  # a checkout on PYTHONPATH, not installed
+        return "unknown (not installed)"
 
 
 if __name__ == "__main__":

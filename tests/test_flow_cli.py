@@ -148,3 +148,19 @@ def test_ingest_on_prefects_dask_task_runner_equals_a_local_ingest(tmp_path, sam
     assert open_store(store).content_hash() == open_store(physionet_sample_store).content_hash()
     with pytest.raises(ValueError, match="runner must be 'local' or 'dask'"):
         ingest_flow("physionet2019", str(samples / "physionet2019"), store, runner="ray")
+
+
+def test_version_and_one_line_errors_with_the_traceback_behind_debug(tmp_path, capsys):
+    from datasets.store import StoreError
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("percival ")
+    not_a_store = tmp_path / "notes.txt"
+    not_a_store.write_text("hello")
+    for path in (tmp_path / "missing.zarr", not_a_store):
+        assert main(["info", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"percival info: error: {path}: no Zarr store here (no zarr.json)"
+    with pytest.raises(StoreError):
+        main(["--debug", "info", str(tmp_path / "missing.zarr")])
