@@ -159,8 +159,9 @@ def shard_specs(source: Source, source_name: str, units: list[Unit], done: set[t
             for i, c in enumerate(chunks)]
 
 
-#: reads shards somewhere (``map_shards(read_shard, specs)``), yielding their results in the order of ``specs``
-ShardMapper = Callable[[Callable[[ShardSpec], Validated], list[ShardSpec]], Iterator[Validated]]
+#: reads shards somewhere (``map_shards(specs)``, each as :func:`read_shard` does), yielding the validated
+#: shards in the order of ``specs``
+ShardMapper = Callable[[list[ShardSpec]], Iterator[Validated]]
 
 
 def read_shard(spec: ShardSpec) -> Validated:
@@ -193,7 +194,7 @@ def ingest(source: str, path: str, store: str, *, shard_size: int | None = None,
     A missing ``path`` or one in which the source finds no units raises ``FileNotFoundError`` naming it.
 
     ``workers`` > 1 reads shards in that many spawned processes; commits stay in shard order.
-    ``map_shards(read_shard, specs)``, where given, reads them instead (e.g. on a Dask cluster: see
+    ``map_shards(specs)``, where given, reads them instead (e.g. on a Dask cluster: see
     :mod:`pipelines.ingest`), yielding the validated shards in the order of ``specs``.
     ``progress(shard_index, report)`` is called after each commit. Returns the reconciled report.
     """
@@ -211,7 +212,7 @@ def ingest(source: str, path: str, store: str, *, shard_size: int | None = None,
                     specs = shard_specs(src, source, units, writer.ingested, shard_size, first.options,
                                         first.max_record_elements, first.input_storage_options)
                 report.shards_planned = report.shards + len(specs)
-                read = map_shards(read_shard, specs) if map_shards else _map(read_shard, specs, workers)
+                read = map_shards(specs) if map_shards else _map(read_shard, specs, workers)
                 commit_shards(writer, zip(specs, read, strict=True), report, progress)
                 # an unchanged archive changes nothing, not even the statistics' timestamp; statistics that a
                 # killed run never wrote are written now

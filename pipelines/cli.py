@@ -139,8 +139,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device_option(parser: argparse.ArgumentParser, default: str | None = "auto",
-                   default_text: str = "auto") -> None:
+def _device_option(parser: argparse.ArgumentParser, default: str | None = "auto", default_text: str = "auto",
+                   precision: bool = False) -> None:
+    """``--device`` (and, for inference, ``--precision``)."""
+    if precision:
+        parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                            help="auto (default): bf16 autocast on a GPU, fp32 on a CPU")
     parser.add_argument("--device", default=default, metavar="DEVICE",
                         help="cpu, cuda, cuda:N or auto (the first GPU torch sees, else the CPU); "
                              f"default {default_text}")
@@ -212,9 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     rc.add_argument("--grid-coords", type=int, default=0, help="grid wavelengths per spectral channel (0: none)")
     rc.add_argument("--workers", type=int, default=1, help="local Dask worker processes (default 1: no Dask)")
     rc.add_argument("--dask-address", default=None, help="an existing Dask scheduler, e.g. tcp://host:8786")
-    rc.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                    help="auto (default): bf16 autocast on a GPU, fp32 on a CPU")
-    _device_option(rc)
+    _device_option(rc, precision=True)
     rc.add_argument("--folds", type=int, default=5, metavar="K",
                     help="out-of-sample folds per record: each element also predicted with its fold hidden, "
                          "and its residual_z, at ~K x the encoder cost (default 5; 0 or 1: off)")
@@ -241,9 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="draws per hidden element for the distribution scores (CRPS, energy score per record, "
                          "sample coverage); default 16")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                    help="auto (default): bf16 autocast on a GPU, fp32 on a CPU")
-    _device_option(ev)
+    _device_option(ev, precision=True)
     ev.add_argument("--max-records", type=int, default=None, help="limit each split to its first N records")
     ev.add_argument("--split", choices=["val", "test"], default="test",
                     help="the split scored: test (default; to report) or val (to choose models and settings; "

@@ -68,11 +68,8 @@ def dask_shards(workers: int, address: str | None = None) -> ShardMapper:
     """Read shards as Prefect tasks on a Dask cluster (the scheduler at ``address``, else a local cluster of
     ``workers`` processes), at most two per worker in flight so that memory stays bounded; results come back
     in shard order, to be committed by the flow's process."""
-    def map_shards(fn, specs: list[ShardSpec]) -> Iterator[Validated]:
-        from prefect_dask import DaskTaskRunner
-
-        runner = DaskTaskRunner(address=address) if address else DaskTaskRunner(cluster_kwargs={
-            "n_workers": max(workers, 1), "threads_per_worker": 1, "processes": True, "dashboard_address": None})
+    def map_shards(specs: list[ShardSpec]) -> Iterator[Validated]:
+        runner = prefect_env.dask_task_runner(workers, address)
         ahead = 2 * max(workers, 1)
         with prefect_env.workers_share_api(), runner:
             pending: deque = deque()

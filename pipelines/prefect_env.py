@@ -142,3 +142,14 @@ def workers_share_api() -> Iterator[None]:
         yield
     finally:
         os.environ.pop("PREFECT_API_URL", None)
+
+
+def dask_task_runner(workers: int, address: str | None = None):
+    """Prefect's Dask task runner: on the scheduler at ``address``, else on a local cluster of ``workers``
+    single-threaded processes (no dashboard)."""
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": max(workers, 1), "threads_per_worker": 1, "processes": True,
+                                         "dashboard_address": None})

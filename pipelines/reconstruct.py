@@ -214,11 +214,7 @@ def _run_shards(shards: list[tuple[int, int]], args: dict, workers: int, dask_ad
     if dask_address is None and workers <= 1:
         yield from (reconstruct_shard_task(start=a, stop=b, **args) for a, b in shards)
         return
-    from prefect_dask import DaskTaskRunner
-
-    runner = DaskTaskRunner(address=dask_address) if dask_address else DaskTaskRunner(
-        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                        "dashboard_address": None})
+    runner = prefect_env.dask_task_runner(workers, dask_address)
     with runner:
         futures = [runner.submit(reconstruct_shard_task, {"start": a, "stop": b, **args}) for a, b in shards]
         yield from (f.result() for f in futures)

@@ -281,7 +281,7 @@ def test_record_blocks_deal_every_record_once_per_epoch_and_ranks_read_disjoint_
     for epoch in (0, 1):
         seen = np.concatenate([blocks.records(b, epoch, seed=1) for b in range(blocks.n_blocks)])
         assert np.array_equal(np.sort(seen), np.flatnonzero(in_train))  # every train record, once
-        plans = [blocks.epoch_plan(epoch, 1, rank, 2, batching) for rank in (0, 1)]
+        plans = [blocks.epoch_plan(epoch, 1, rank, batching) for rank in (0, 1)]
         assert len(plans[0]) == len(plans[1]) > 0  # the ranks stay in step
         mine = [{b for b, _ in p} for p in plans]
         assert not mine[0] & mine[1]  # each rank reads only its own blocks
@@ -297,7 +297,7 @@ def test_record_blocks_deal_every_record_once_per_epoch_and_ranks_read_disjoint_
     # a split within the budget is one block, batched exactly as the whole split always was
     whole = RecordBlocks(elements.row_size, in_train, slice_reader(elements), block_elements=total)
     expect = shard(token_batches(elements.row_size[in_train], shuffle=True, seed=1, epoch=0, **batching), 0, 1)
-    got = whole.epoch_plan(0, 1, 0, 1, batching)
+    got = whole.epoch_plan(0, 1, 0, batching)
     assert whole.in_memory and all(b == 0 and np.array_equal(i, e) for (b, i), e in zip(got, expect, strict=True))
     # a sample within a budget comes from windows spread over the split
     sample = blocks.sample(total // 4)

@@ -13,7 +13,7 @@ The plan is a function of (seed, epoch) and the records' sizes only, so a resume
 and draws the same batches as an uninterrupted one.
 
 >>> blocks = RecordBlocks(store.records["row_size"], store.records["split"] == "train", store.read)
->>> plan = blocks.epoch_plan(epoch=0, seed=0, rank=0, world_size=1, batching=dict(max_tokens=4096))
+>>> plan = blocks.epoch_plan(epoch=0, seed=0, rank=0, batching=dict(max_tokens=4096))
 >>> block, items = plan[0]                  # a block number and the positions of a batch's records in it
 >>> elements = blocks.read(block, epoch=0, seed=0)   # that block's records (an ElementSet), in item order
 """
@@ -47,6 +47,7 @@ class RecordBlocks:
         self.row_size = np.asarray(row_size, np.int64)
         self.in_split = np.asarray(in_split, bool)
         self._read = read
+        self.world_size = world_size
         self.n_elements = int(self.row_size[self.in_split].sum())
         n_blocks = -(-self.n_elements // max(int(block_elements), 1))
         #: blocks per epoch: 1 (the split in memory) or a multiple of the ranks, each within the budget
@@ -83,14 +84,18 @@ class RecordBlocks:
 
     def read(self, block: int, epoch: int, seed: int) -> ElementSet:
         """The split's records of ``block`` (one range read per window; other splits' records dropped)."""
-        parts = [self._read(int(a), int(b)) for a, b in self.block_windows(block, epoch, seed)]
-        keep = [self.in_split[a:b] for a, b in self.block_windows(block, epoch, seed)]
-        return concat([select(p, k) for p, k in zip(parts, keep, strict=True)])
+        return self._read_windows(self.block_windows(block, epoch, seed))
 
-    def epoch_plan(self, epoch: int, seed: int, rank: int, world_size: int, batching: dict
-                   ) -> list[tuple[int, np.ndarray]]:
-        """This rank's batches of ``epoch``: (block, positions of the batch's records among the block's split
-        records). ``batching`` is :func:`token_batches`' keyword arguments (``max_tokens``, ...)."""
+    def _read_windows(self, windows: np.ndarray) -> ElementSet:
+        """The split's records of ``windows``, one range read each, in order."""
+        parts = [select(self._read(int(a), int(b)), self.in_split[a:b]) for a, b in windows if b > a]
+        return concat(parts) if parts else self._read(0, 0)
+
+    def epoch_plan(self, epoch: int, seed: int, rank: int, batching: dict) -> list[tuple[int, np.ndarray]]:
+        """This rank's batches of ``epoch`` (of the ``world_size`` ranks the blocks were made for): (block,
+        positions of the batch's records among the block's split records). ``batching`` is
+        :func:`token_batches`' keyword arguments (``max_tokens``, ...)."""
+        world_size = self.world_size
         if self.in_memory:
             lengths = self.row_size[self.in_split]
             return [(0, items) for items in shard(token_batches(lengths, shuffle=True, seed=seed, epoch=epoch,
@@ -113,8 +118,7 @@ class RecordBlocks:
         else:
             windows = self._cut(-(-m * self.n_elements // max(budget, 1)))
             windows = windows[np.unique(np.linspace(0, len(windows) - 1, m).round().astype(int))]
-        parts = [select(self._read(int(a), int(b)), self.in_split[a:b]) for a, b in windows if b > a]
-        return concat(parts) if parts else self._read(0, 0)
+        return self._read_windows(windows)
 
 
 def select(elements: ElementSet, keep: np.ndarray) -> ElementSet:

@@ -79,6 +79,14 @@ class MaskPlan:
     mode: np.ndarray
 
 
+def _distinct_per_record(record: np.ndarray, codes: np.ndarray, n_rec: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """The distinct (record, code) pairs as ``record * width + code``, sorted (so by record), their ``width``,
+    and the number of distinct codes of each record."""
+    width = int(codes.max(initial=0)) + 1
+    pairs = np.unique(record * width + codes)
+    return pairs, width, np.bincount(pairs // width, minlength=n_rec)
+
+
 def _segment_rank(record: np.ndarray, keys: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Rank of each element's key within its record (0 = smallest)."""
     order = np.lexsort((keys, record))
@@ -105,22 +113,16 @@ def plan_masks(offsets: np.ndarray, modality: np.ndarray, time: np.ndarray, rng:
     time = np.asarray(time, np.float64)
 
     # Distinct modalities per record, and distinct finite times per record (both vectorised).
-    pairs = np.unique(record * (int(modality.max(initial=0)) + 1) + modality)
-    n_mod = np.bincount(pairs // (int(modality.max(initial=0)) + 1), minlength=n_rec)
+    n_mod = _distinct_per_record(record, modality, n_rec)[2]
     finite = np.isfinite(time)
     tmin = np.full(n_rec, np.inf)
     tmax = np.full(n_rec, -np.inf)
     np.minimum.at(tmin, record[finite], time[finite])
     np.maximum.at(tmax, record[finite], time[finite])
 
-    # The distinct (record, channel) pairs, sorted by record, and the number of channels per record.
-    if channel is None:
-        channel = np.zeros(n, np.int64)
-    channel = np.asarray(channel, np.int64)
-    width = int(channel.max(initial=0)) + 1
-    channel_pairs = np.unique(record * width + channel)
+    channel = np.zeros(n, np.int64) if channel is None else np.asarray(channel, np.int64)
+    channel_pairs, width, n_chan = _distinct_per_record(record, channel, n_rec)
     pair_record = channel_pairs // width
-    n_chan = np.bincount(pair_record, minlength=n_rec)
 
     u = rng.random(n_rec)
     c = config

@@ -145,22 +145,22 @@ class AppendableGroup:
         arrays = {}
         for name in self.group.array_keys():
             doc = _zarr.get_json(self.store, f"{name}/zarr.json")
-            dim = doc["dimension_names"][0]
-            if doc["shape"][0] != self.count(dim):
-                raise StoreError(f"{self.url}: array {name} has {doc['shape'][0]} entries, "
-                                 f"the commit says {self.count(dim)} along {dim}")
+            self._check_length(name, doc["shape"][0], doc["dimension_names"][0])
             arrays[name] = doc
         root = {"zarr_format": 3, "node_type": "group", "attributes": {**self.attrs, "percival": self.meta},
                 "consolidated_metadata": {"kind": "inline", "must_understand": False, "metadata": arrays}}
         _zarr.put_json(self.store, "zarr.json", root)
 
+    def _check_length(self, name: str, length: int, dim: str) -> None:
+        """Every array of a commit has exactly the committed length of its dimension."""
+        if length != self.count(dim):
+            raise StoreError(f"{self.url}: array {name} has {length} entries, the commit says {self.count(dim)} "
+                             f"along {dim}")
+
     def _commit_transaction(self) -> None:
         for name in self.group.array_keys():
             arr = self.group[name]
-            dim = arr.metadata.dimension_names[0]
-            if arr.shape[0] != self.count(dim):
-                raise StoreError(f"{self.url}: array {name} has {arr.shape[0]} entries, "
-                                 f"the commit says {self.count(dim)} along {dim}")
+            self._check_length(name, arr.shape[0], arr.metadata.dimension_names[0])
         self.group.attrs.update({**self.attrs, "percival": self.meta})
         counts = ", ".join(f"{k} {v}" for k, v in self.meta["commit"].items() if k != "generation")
         self.transaction.commit(f"percival commit {self.meta['commit']['generation']}: {counts}")

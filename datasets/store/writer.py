@@ -31,6 +31,7 @@ from datasets.store.layout import (
 )
 
 DIMENSIONS = ("element", "record", "channel", "quarantine", "ingested_unit")
+RESERVED_RECORD_COLUMNS = ("record_id", "source_file")
 #: train elements per channel the normalisation statistics are computed on (all of them where fewer: the full
 #: PhysioNet 2019 set's busiest channel has 1.12 M, so its statistics are exact)
 STATISTICS_SAMPLE = 5 << 18  # 1.25 Mi
@@ -43,7 +44,6 @@ def _position_uniform(start: int, stop: int) -> np.ndarray:
     same elements are sampled whatever the chunking and however often the statistics are recomputed."""
     x = np.arange(start, stop, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-RESERVED_RECORD_COLUMNS = ("record_id", "source_file")
 
 
 class StoreWriter:

@@ -21,6 +21,5 @@ from pipelines.faults.kills import INGEST_SCRIPT, kill_ingest, kill_reconstruct,
 from pipelines.faults.storage import concurrent_writers, full_disk, retries, write_errors
 
 __all__ = ["INGEST_SCRIPT", "PHYSIONET", "SAMPLES", "FlakyFileSystem", "Row", "bad_input", "concurrent_writers",
-           "consistent",
-           "flaky_url", "full_disk", "kill_ingest", "kill_reconstruct", "kill_train", "retries", "subprocess_env",
-           "train_config", "untrusted_files", "vanishing_file", "write_errors"]
+           "consistent", "flaky_url", "full_disk", "kill_ingest", "kill_reconstruct", "kill_train", "retries",
+           "subprocess_env", "train_config", "untrusted_files", "vanishing_file", "write_errors"]

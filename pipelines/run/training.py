@@ -227,8 +227,7 @@ class Trainer:
             if self._epoch_batches is None:
                 batching = dict(max_tokens=tc.batch_tokens, max_records=tc.max_records, record_cost=tc.record_cost,
                                 max_elements=tc.max_record_elements)
-                self._epoch_batches = self.blocks.epoch_plan(self.epoch, tc.seed, self.dist.rank,
-                                                             self.dist.world_size, batching)
+                self._epoch_batches = self.blocks.epoch_plan(self.epoch, tc.seed, self.dist.rank, batching)
                 if not self._epoch_batches:
                     raise ValueError(f"the train split's batches per epoch cannot feed {self.dist.world_size} "
                                      "ranks")
