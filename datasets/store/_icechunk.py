@@ -21,11 +21,14 @@ Reading one with plain xarray::
 from __future__ import annotations
 
 import os
+import time
 from urllib.parse import urlparse
 
 from datasets.store._zarr import StoreError
 
 BRANCH = "main"
+#: seconds a writer waits for a repository that another writer is creating at the same instant
+CREATION_WAIT = 30.0
 #: URL schemes whose stores are Icechunk repositories
 SCHEMES = ("s3", "gs", "gcs")
 
@@ -83,8 +86,13 @@ def open_repository(url: str, storage_options: dict | None = None, create: bool 
         try:
             return ic.Repository.open_or_create(st)
         except ic.IcechunkError:
-            if ic.Repository.exists(st):  # another writer created it in the same instant
-                return ic.Repository.open(st)
+            # another writer is creating it in the same instant ("can only be created in clean prefixes"):
+            # its creation lands within moments, then this writer opens it
+            deadline = time.monotonic() + CREATION_WAIT
+            while time.monotonic() < deadline:
+                if ic.Repository.exists(st):
+                    return ic.Repository.open(st)
+                time.sleep(0.05)
             raise
     except ic.IcechunkError as e:
         raise OSError(f"{url}: {_first_line(e)}") from None
