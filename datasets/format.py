@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 FORMAT_NAME = "percival-element-set"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"  # 1.1: CF names and units (channel_index, time units, a JSON percival attribute)
 
 ELEMENT_DTYPES: dict[str, np.dtype] = {
     "time": np.dtype("float64"),

@@ -28,6 +28,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from datasets.store import open_store
 from datasets.store.appendable import StoreError
+from datasets.store.layout import time_attrs
 from datasets.store.reconstruction import (
     ReconstructionWriter,
     committed_meta,
@@ -134,7 +135,8 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
     resolve_device(device)  # a GPU asked for where there is none fails here, before any shard runs
     model, config = load_run(checkpoint)
     check_head(checkpoint, model.config.head.name, head)
-    match_channels(model.config.contract, open_store(store).channels, store)  # fail before any shard runs
+    elements = open_store(store)
+    match_channels(model.config.contract, elements.channels, store)  # fail before any shard runs
     provenance = {
         "input_store": os.path.abspath(store) if "://" not in store else store,
         "checkpoint": os.path.abspath(checkpoint),
@@ -142,6 +144,7 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
         "model_config": config.to_dict(), "code_version": code_version(),
         "grid": {"n_times": grid_times, "n_coords": grid_coords, "channels": grid_channels},
         "precision": precision, "device": device, "folds": folds, "samples": samples,
+        "time_attrs": time_attrs(elements.meta),  # the input store's CF time units, for grid_time
     }
     existing = committed_meta(out)
     if existing and store_folds(existing) != folds:

@@ -33,6 +33,10 @@ class Unit:
         return f"{base}:{self.member}" if self.member else base
 
 
+#: the date-time Modified Julian Dates count from (UTC)
+MJD_EPOCH = "1858-11-17 00:00:00"
+
+
 class Source(ABC):
     """An archive format. Subclasses set ``name``, ``time_unit`` and implement the methods below."""
 
@@ -41,6 +45,9 @@ class Source(ABC):
     time_unit: ClassVar[str]
     #: what ``time`` counts from, in words (stored in the store's attrs)
     time_reference: ClassVar[str] = ""
+    #: the date-time ``time`` counts from (ISO, UTC), where it is one: MJD counts from 1858-11-17 00:00; None
+    #: where time counts from an event of each record (ICU admission), so the store's CF units are a duration
+    time_epoch: ClassVar[str | None] = None
     #: record attributes besides record_id/source_file (labels, t0, ...)
     label_columns: ClassVar[tuple[str, ...]] = ()
     #: default shard size in units; aim for ~0.5-2 M elements per shard (one store shard is 2 Mi)

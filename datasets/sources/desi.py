@@ -37,7 +37,7 @@ from astropy.io import fits
 
 from datasets.format import QUARANTINE_COLUMNS, Channel, RawElements
 from datasets.sources import _text, files
-from datasets.sources.base import Source, Unit
+from datasets.sources.base import MJD_EPOCH, Source, Unit
 
 SPECTRUM_UNIT = "1e-17 erg / (s cm2 Angstrom)"
 ARMS = ("B", "R", "Z")
@@ -52,6 +52,7 @@ class Desi(Source):
     name = "desi"
     time_unit = "d"
     time_reference = "MJD (days since 1858-11-17 00:00 UTC)"
+    time_epoch = MJD_EPOCH
     label_columns = ("t0",)
     units_per_shard = 1  # a full coadd (500 fibres x ~8,000 pixels) holds ~4 M elements
 

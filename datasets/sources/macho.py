@@ -27,7 +27,7 @@ import pandas as pd
 
 from datasets.format import Channel, RawElements
 from datasets.sources import _text, files
-from datasets.sources.base import Source, Unit, unreadable
+from datasets.sources.base import MJD_EPOCH, Source, Unit, unreadable
 
 FILE_NAME = re.compile(r"^lc_(\d+)\.(\d+)\.(\d+)\.([BR])\.mjd$")
 #: passband centres (Angstrom): blue 440-590 nm, red 590-780 nm (Alcock et al. 1999)
@@ -41,6 +41,7 @@ class Macho(Source):
     name = "macho"
     time_unit = "d"
     time_reference = "MJD (days since 1858-11-17 00:00 UTC)"
+    time_epoch = MJD_EPOCH
     label_columns = ("t0",)
     units_per_shard = 1000  # files of ~1,200 elements: ~1.2 M elements per shard
 

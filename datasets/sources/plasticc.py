@@ -45,7 +45,7 @@ import pyarrow.csv as pacsv
 
 from datasets.format import Channel, RawElements
 from datasets.sources import files
-from datasets.sources.base import Source, Unit, unreadable
+from datasets.sources.base import MJD_EPOCH, Source, Unit, unreadable
 
 PASSBANDS = "ugrizy"
 #: LSST effective wavelengths (Angstrom), as used by the PLAsTiCC team
@@ -67,6 +67,7 @@ class PLAsTiCC(Source):
     name = "plasticc"
     time_unit = "d"
     time_reference = "MJD"
+    time_epoch = MJD_EPOCH
     label_columns = ("target", "ddf_bool", "t0")
     units_per_shard = 1  # one light-curve file (or piece of one) per shard; a file holds many objects
     OPTION_HELP = {"piece_bytes": "bytes of (uncompressed) text per unit of a test-layout light-curve file "

@@ -48,10 +48,10 @@ import pyarrow.parquet as pq
 
 from datasets.format import Channel, RawElements
 from datasets.sources import _text, files
-from datasets.sources.base import Source, Unit, unreadable
+from datasets.sources.base import MJD_EPOCH, Source, Unit, unreadable
 
 EXTENSIONS = (".csv", ".csv.gz", ".tsv", ".tsv.gz", ".parquet")
-MJD_EPOCH = pd.Timestamp("1858-11-17", tz="UTC")
+MJD_TIMESTAMP = pd.Timestamp(MJD_EPOCH, tz="UTC")
 
 
 class TableSource(Source):
@@ -79,6 +79,8 @@ class TableSource(Source):
         "sep": "CSV delimiter (null: whitespace)",
         "time_unit": "astropy unit of the time column (e.g. 'd' days, 'h' hours, 'min')",
         "time_reference": "what time counts from, in words",
+        "time_epoch": "the date-time time counts from, ISO (e.g. '1858-11-17 00:00:00' for MJD); none: an event "
+                      "of each record (the store's CF time units are then a duration)",
         "time_format": "'number' or 'datetime' (timestamps, converted to MJD days)",
         "valid_min": "physical minimum, in the channel's unit: a number for every channel or a dict channel -> number",
         "valid_max": "physical maximum, in the channel's unit: a number or a dict channel -> number",
@@ -93,7 +95,7 @@ class TableSource(Source):
                  channel_coords: Mapping[str, float] | None = None,
                  channel_names: Sequence[str] | None = None,
                  channel_table: Sequence[Mapping] | None = None, sep: str | None = ",", time_unit: str = "d",
-                 time_reference: str = "", time_format: str = "number",
+                 time_reference: str = "", time_epoch: str | None = None, time_format: str = "number",
                  valid_min: float | Mapping[str, float] | None = None,
                  valid_max: float | Mapping[str, float] | None = None,
                  nonnegative: bool | Sequence[str] = False) -> None:
@@ -120,6 +122,7 @@ class TableSource(Source):
         datetimes = time_format == "datetime"
         self.time_unit = "d" if datetimes else time_unit
         self.time_reference = "MJD (days since 1858-11-17 00:00 UTC)" if datetimes else time_reference
+        self.time_epoch = MJD_EPOCH if datetimes else time_epoch
         self.label_columns = (*self.labels, "t0")
         self._channels: list[Channel] | None = None
         if channel_table is not None:
@@ -284,7 +287,7 @@ class TableSource(Source):
         if self.time_format == "number":
             return _text.to_float(column)
         ts = pd.to_datetime(column, errors="coerce", utc=True, format="mixed")
-        days = ((ts - MJD_EPOCH) / pd.Timedelta(days=1)).to_numpy(dtype=np.float64, na_value=np.nan)
+        days = ((ts - MJD_TIMESTAMP) / pd.Timedelta(days=1)).to_numpy(dtype=np.float64, na_value=np.nan)
         return days, np.isnan(days) & column.notna().to_numpy()
 
     def _channel_index(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -32,7 +32,7 @@ import pandas as pd
 
 from datasets.format import Channel, RawElements
 from datasets.sources import _text, files
-from datasets.sources.base import Source, Unit, unreadable
+from datasets.sources.base import MJD_EPOCH, Source, Unit, unreadable
 
 HEADERS_JSON = "headers.json"
 #: effective wavelengths (Angstrom), SVO Filter Profile Service, Palomar/ZTF.g, ZTF.r, ZTF.i
@@ -49,6 +49,7 @@ class ZtfBts(Source):
     name = "ztf_bts"
     time_unit = "d"
     time_reference = "MJD (days since 1858-11-17 00:00 UTC)"
+    time_epoch = MJD_EPOCH
     label_columns = ("class", "t0")
     units_per_shard = 1000  # one object of ~1,500 elements per file: ~1.5 M elements per shard
 

@@ -127,6 +127,13 @@ def put_json(store, key: str, doc: dict) -> None:
     sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
 
 
+def percival_meta(attrs) -> dict | None:
+    """The ``percival`` attribute (the commit record) of a group's ``attrs``: a JSON string, so that netCDF can
+    hold it; a dict in stores written before it was one."""
+    meta = attrs.get("percival")
+    return json.loads(meta) if isinstance(meta, str) else meta
+
+
 def open_group(store, mode: str, consolidated: bool) -> zarr.Group:
     return zarr.open_group(store=store, mode=mode, zarr_format=3, use_consolidated=consolidated)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import json
 import os
 import threading
 import time
@@ -82,7 +83,7 @@ class AppendableGroup:
         self.store = self.transaction.store if self.transaction else _zarr.make_store(
             self.url, read_only=False, storage_options=storage_options)
         root = _zarr.get_json(self.store, "zarr.json")
-        meta = (root or {}).get("attributes", {}).get("percival")
+        meta = _zarr.percival_meta((root or {}).get("attributes", {}))
         self.created = meta is None or "commit" not in meta
         if self.created:  # new, or a first commit that never finished: start afresh
             self.group = _zarr.open_group(self.store, mode="w", consolidated=False)
@@ -147,9 +148,12 @@ class AppendableGroup:
             doc = _zarr.get_json(self.store, f"{name}/zarr.json")
             self._check_length(name, doc["shape"][0], doc["dimension_names"][0])
             arrays[name] = doc
-        root = {"zarr_format": 3, "node_type": "group", "attributes": {**self.attrs, "percival": self.meta},
+        root = {"zarr_format": 3, "node_type": "group", "attributes": self._attributes(),
                 "consolidated_metadata": {"kind": "inline", "must_understand": False, "metadata": arrays}}
         _zarr.put_json(self.store, "zarr.json", root)
+
+    def _attributes(self) -> dict:
+        return {**self.attrs, "percival": json.dumps(self.meta, allow_nan=True)}
 
     def _check_length(self, name: str, length: int, dim: str) -> None:
         """Every array of a commit has exactly the committed length of its dimension."""
@@ -161,7 +165,7 @@ class AppendableGroup:
         for name in self.group.array_keys():
             arr = self.group[name]
             self._check_length(name, arr.shape[0], arr.metadata.dimension_names[0])
-        self.group.attrs.update({**self.attrs, "percival": self.meta})
+        self.group.attrs.update(self._attributes())
         counts = ", ".join(f"{k} {v}" for k, v in self.meta["commit"].items() if k != "generation")
         self.transaction.commit(f"percival commit {self.meta['commit']['generation']}: {counts}")
         self.store = self.transaction.store

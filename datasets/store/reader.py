@@ -21,7 +21,7 @@ import pandas as pd
 from datasets.format import ELEMENT_DTYPES, QUARANTINE_COLUMNS, ElementSet
 from datasets.store import _icechunk, _zarr
 from datasets.store.appendable import StoreError
-from datasets.store.layout import CHANNEL_COLUMNS, LATER_CHANNEL_COLUMNS
+from datasets.store.layout import CHANNEL_COLUMNS, LATER_CHANNEL_COLUMNS, element_arrays
 from perceiver.packing import ranges
 
 
@@ -34,10 +34,11 @@ class Store:
         if group is None:
             raise StoreError(f"{url}: no Zarr store here (no zarr.json)")
         self.group = group
-        meta = self.group.attrs.get("percival")
+        meta = _zarr.percival_meta(self.group.attrs)
         if meta is None or "commit" not in meta:
             raise StoreError(f"{url}: not a Percival store, or its first commit never finished")
         self.meta: dict = dict(meta)
+        self.arrays = element_arrays(group)  # element field -> array name
 
     # -- sizes and tables -----------------------------------------------------------------------------
     @property
@@ -88,7 +89,7 @@ class Store:
         e0, e1 = int(self.offsets[start]), int(self.offsets[stop])
         return ElementSet(records=self.records.iloc[start:stop].reset_index(drop=True),
                           row_size=self.records["row_size"].to_numpy()[start:stop],
-                          **{k: self.group[k][e0:e1] for k in ELEMENT_DTYPES})
+                          **{k: self.group[a][e0:e1] for k, a in self.arrays.items()})
 
     def select(self, record_ids) -> ElementSet:
         """The given records (by id), in the given order."""
@@ -141,7 +142,7 @@ class Store:
     def summary(self) -> dict:
         """Counts for ``percival info``: records, elements, channels per modality, splits, quarantine."""
         ch = self.channels
-        el_per_channel = np.bincount(self.group["channel"][:], minlength=len(ch)) if self.n_elements else \
+        el_per_channel = np.bincount(self.group[self.arrays["channel"]][:], minlength=len(ch)) if self.n_elements else \
             np.zeros(len(ch), np.int64)
         q = self.quarantine
         return {

@@ -47,7 +47,7 @@ GRID_ARRAYS = {"time": np.float64, "channel": np.int16, "coord": np.float32, "me
 #: arrays of stores made with samples (K draws per element and per grid point; also ``grid_<name>``)
 SAMPLE_ARRAYS = {
     "samples": {"long_name": "draws of the reconstruction (joint over a record where the head models that), in the "
-                             "channel's unit", "_note": "dimension sample: the draw"},
+                             "channel's unit", "comment": "dimension sample: the draw"},
     "samples_mean": {"long_name": "mean of the draws, in the channel's unit"},
     "samples_lower95": {"long_name": "2.5 % quantile of the draws, in the channel's unit"},
     "samples_upper95": {"long_name": "97.5 % quantile of the draws, in the channel's unit"},
@@ -90,7 +90,8 @@ class ReconstructionWriter:
                 for name, attrs in OOS_ARRAYS.items():
                     o.create_array(name, np.float32, "element", attrs, big=True)
             for name, dt in GRID_ARRAYS.items():
-                o.create_array(f"grid_{name}", dt, "grid", big=True)
+                o.create_array(f"grid_{name}", dt, "grid", provenance.get("time_attrs") if name == "time" else None,
+                               big=True)
             k = store_samples(provenance)
             for prefix, dim in (("", "element"), ("grid_", "grid")) if k else ():
                 for name, attrs in SAMPLE_ARRAYS.items():
@@ -194,7 +195,7 @@ def committed_meta(url: str, storage_options: dict | None = None) -> dict:
         group = _zarr.open_committed(url, storage_options)
     except (FileNotFoundError, StoreError):
         return {}
-    meta = dict(group.attrs.get("percival") or {}) if group is not None else {}
+    meta = dict(_zarr.percival_meta(group.attrs) or {}) if group is not None else {}
     return meta if meta.get("format") == FORMAT else {}
 
 
@@ -203,7 +204,7 @@ def open_reconstruction(url: str, storage_options: dict | None = None) -> dict:
     g = _zarr.open_committed(url, storage_options)  # meta and shapes from this one read
     if g is None:
         raise StoreError(f"{url}: not a Percival reconstruction store (no zarr.json)")
-    meta = dict(g.attrs.get("percival") or {})
+    meta = dict(_zarr.percival_meta(g.attrs) or {})
     if meta.get("format") != FORMAT:
         raise StoreError(f"{url}: not a Percival reconstruction store")
     records = pd.DataFrame({"record_id": g["record_id"][:].astype(object), "row_size": g["row_size"][:],

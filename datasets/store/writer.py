@@ -23,11 +23,14 @@ from datasets.schema import Validated
 from datasets.store.appendable import AppendableGroup, StoreError, fill_value, now
 from datasets.store.layout import (
     CHANNEL_COLUMNS,
+    ELEMENT_ARRAYS,
     ELEMENT_ATTRS,
     LATER_CHANNEL_COLUMNS,
     QUARANTINE_DTYPES,
     UNIT_ARRAYS,
     assign_split,
+    element_arrays,
+    time_attrs,
 )
 
 DIMENSIONS = ("element", "record", "channel", "quarantine", "ingested_unit")
@@ -76,6 +79,7 @@ class StoreWriter:
                 raise StoreError(f"{url} holds source {self.meta['source']!r}, not {source.name!r}")
             self._add_later_channel_columns(source.channels())
             self._set_channels(source.channels())
+        self.arrays = element_arrays(self.group)  # element field -> array name (older stores: see layout)
         self.channel_map = self._channel_map(source.channels())
         n = self.count("record")
         self.known_ids = set(self.group["record_id"][:n].tolist()) if n else set()
@@ -101,8 +105,9 @@ class StoreWriter:
         records["split"] = assign_split(records["record_id"])
         records["source_file"] = records["source_file"].astype(str)
         self._ensure_record_columns(records)
-        self.out.append("element", {k: getattr(es, k) for k in ELEMENT_DTYPES}
-                         | {"channel": self.channel_map[es.channel.astype(np.int64)].astype(np.int16)})
+        columns = {k: getattr(es, k) for k in ELEMENT_DTYPES}
+        columns["channel"] = self.channel_map[es.channel.astype(np.int64)].astype(np.int16)
+        self.out.append("element", {self.arrays[k]: v for k, v in columns.items()})
         self.out.append("record", {c: self._record_column(records, c) for c in self._record_arrays()})
         q = validated.quarantine
         self.out.append("quarantine", {f"quarantine_{c}": q[c].to_numpy() for c in QUARANTINE_DTYPES})
@@ -137,7 +142,7 @@ class StoreWriter:
 
             def train_channels(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
                 train = train_record[np.searchsorted(offsets, np.arange(a, b), side="right")]
-                return train, self.group["channel"][a:b]
+                return train, self.group[self.arrays["channel"]][a:b]
 
             counts = np.zeros(len(table), np.int64)
             for a, b in chunks:
@@ -189,18 +194,18 @@ class StoreWriter:
         return {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "source": source.name,
             "source_path": str(source_path), "time_unit": source.time_unit,
-            "time_reference": source.time_reference, "record_columns": [],
+            "time_reference": source.time_reference, "time_epoch": source.time_epoch, "record_columns": [],
         }
 
     def _array(self, name: str, dtype, dim: str, attrs: dict | None = None) -> None:
         self.out.create_array(name, dtype, dim, attrs, big=dim == "element")
 
     def _create_arrays(self) -> None:
-        for name, dtype in ELEMENT_DTYPES.items():
-            attrs = dict(ELEMENT_ATTRS[name])
-            if name == "time":
-                attrs["units"] = self.meta["time_unit"]
-            self._array(name, dtype, "element", attrs)
+        for field, dtype in ELEMENT_DTYPES.items():
+            attrs = dict(ELEMENT_ATTRS[field])
+            if field == "time":
+                attrs |= time_attrs(self.meta)
+            self._array(ELEMENT_ARRAYS[field], dtype, "element", attrs)
         self._array("record_id", str, "record", {"cf_role": "timeseries_id"})
         self._array("row_size", np.int64, "record", {"sample_dimension": "element",
                                                      "long_name": "number of elements in the record"})
