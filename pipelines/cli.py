@@ -1,4 +1,5 @@
-"""The ``percival`` command line: ``percival ingest | info | demo``. Run ``percival -h``."""
+"""The ``percival`` command line: ``percival ingest | info | train | reconstruct | evaluate | models | demo | serve``.
+Run ``percival -h``, or ``percival COMMAND -h``."""
 
 from __future__ import annotations
 
@@ -52,6 +53,25 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                                   dask_address=args.dask_address, **kwargs)
         print(json.dumps(summary, indent=1))
     return 0 if summary["reconciles"] else 1
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from perceiver.pretrained import model_card, shipped_models
+
+    models = shipped_models()
+    if args.json:
+        print(json.dumps({name: model_card(name) | {"path": str(path)} for name, path in models.items()}, indent=1))
+        return 0
+    for name, path in models.items():
+        card = model_card(name)
+        print(f"{name}: {card['summary']}")
+        print(f"  trained on: {card['training_data']}")
+        for line in card.get("quality", []):
+            print(f"  {line}")
+        print(f"  licence: {card['data_licence']}")
+        print(f"  made by:  {card['command']} (commit {card['commit'][:12]})")
+        print(f"  path:     {path}\n")
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -150,25 +170,48 @@ def _device_option(parser: argparse.ArgumentParser, default: str | None = "auto"
                              f"default {default_text}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="percival", description=__doc__)
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default, where it has one and the help does not say it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default in (None, False, [])
+                or action.default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+CHECKPOINT_HELP = "a checkpoint directory (written by `percival train`) or a shipped model's name (`percival models`)"
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``percival`` parser and its commands' parsers by name."""
+    p = argparse.ArgumentParser(
+        prog="percival", formatter_class=HelpFormatter,
+        description="Irregular scientific records (light curves, spectra, ICU stays) into Zarr stores, a Perceiver "
+                    "IO trained on them, reconstructions and evaluations. `percival COMMAND -h` shows a command's "
+                    "options; errors are one line, `percival --debug COMMAND ...` shows the traceback.")
     p.add_argument("--version", action="version", version=f"percival {_version()}")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
 
-    ing = sub.add_parser("ingest", help="ingest an archive into a Zarr store (Prefect flow)")
-    ing.add_argument("source", help="source name: physionet2019, plasticc, ztf_bts, macho, desi, table")
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
+
+    ing = command("ingest", "ingest an archive into a Zarr store (Prefect flow)")
+    ing.add_argument("source", help="source name: physionet2019, plasticc, ztf_bts, macho, desi, table "
+                                    "(`percival ingest SOURCE -h` lists its options)")
     ing.add_argument("path", help="archive file or directory: a local path or an fsspec URL (s3://bucket/dir)")
     ing.add_argument("--store", required=True, help="output store: a path (OUT.zarr) or an fsspec URL")
     ing.add_argument("--shard-size", type=int, default=None, help="units (files) per shard; default per source")
-    ing.add_argument("--workers", type=int, default=2, help="shards read at once (default 2)")
+    ing.add_argument("--workers", type=int, default=2, help="shards read at once")
     ing.add_argument("--runner", choices=["local", "dask"], default="local",
                      help="local (default): shards read in --workers local processes; dask: each shard a "
                           "Prefect task on a Dask cluster (local, --workers processes, or --dask-address)")
     ing.add_argument("--dask-address", default=None, help="an existing Dask scheduler, e.g. tcp://host:8786 "
                                                             "(implies --runner dask)")
     ing.add_argument("--max-record-elements", type=int, default=200_000,
-                     help="records with more elements are quarantined (default 200000)")
+                     help="records with more elements are quarantined")
     ing.add_argument("--option", action="append", metavar="KEY=VALUE",
                      help="source option, e.g. --option record_id=star (JSON values allowed); repeatable")
     ing.add_argument("--storage-option", action="append", dest="input_storage_options", metavar="KEY=VALUE",
@@ -178,26 +221,27 @@ def main(argv: list[str] | None = None) -> int:
     ing.add_argument("--no-prefect", action="store_true", help="run the plain Python ingest, no Prefect")
     ing.set_defaults(fn=cmd_ingest)
 
-    info = sub.add_parser("info", help="summarise a store: records, elements, channels, quarantine")
-    info.add_argument("store")
-    info.add_argument("--json", action="store_true")
+    info = command("info", "summarise a store: records, elements, channels, quarantine")
+    info.add_argument("store", help="an element store: a path or an fsspec URL")
+    info.add_argument("--json", action="store_true", help="print the summary as JSON")
     info.set_defaults(fn=cmd_info)
 
-    tr = sub.add_parser("train", help="train a model on a store's train split (Prefect flow)")
-    tr.add_argument("store")
+    tr = command("train", "train a model on a store's train split (Prefect flow)")
+    tr.add_argument("store", help="the element store: the train split trains, the val split is watched")
     tr.add_argument("--out", required=True, help="checkpoint directory (resumed if it holds one)")
-    tr.add_argument("--preset", default="small", help="model size: tiny, small (default), bench")
+    tr.add_argument("--preset", default="small", help="model size: tiny, small or bench (perceiver.config)")
     tr.add_argument("--steps", type=int, default=None, help="training steps (default from the config)")
     tr.add_argument("--config", default=None, help="a RunConfig JSON file (instead of --preset)")
     tr.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                     help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
-    tr.add_argument("--head", default=None, help="output head: gaussian (the default) or another registered "
-                                                  "in perceiver.heads.HEADS")
-    tr.add_argument("--nproc", type=int, default=1, help="DDP processes (torchrun) on this machine; default 1")
-    tr.add_argument("--nnodes", type=int, default=1, help="machines in the run (default 1); > 1 needs "
+    tr.add_argument("--head", default=None, metavar="NAME",
+                    help="output head: gaussian (per-element mean and sigma; the default) or diffusion (joint "
+                         "draws of a record)")
+    tr.add_argument("--nproc", type=int, default=1, help="DDP processes (torchrun) on this machine")
+    tr.add_argument("--nnodes", type=int, default=1, help="machines in the run; > 1 needs "
                     "--rdzv-endpoint, and the same command runs on every machine with its own --node-rank")
     tr.add_argument("--node-rank", type=int, default=0,
-                    help="this machine's number, 0..nnodes-1 (default 0); 0 hosts the rendezvous")
+                    help="this machine's number, 0..nnodes-1; 0 hosts the rendezvous")
     tr.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
                     help="torchrun's c10d rendezvous: HOST is the machine started with --node-rank 0")
     tr.add_argument("--rdzv-id", default=None,
@@ -207,14 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--no-prefect", action="store_true", help="train without Prefect (no API server, no artifact)")
     tr.set_defaults(fn=cmd_train)
 
-    rc = sub.add_parser("reconstruct", help="batch inference over a store into a reconstruction store")
-    rc.add_argument("store")
-    rc.add_argument("--checkpoint", required=True, help="checkpoint directory written by `percival train`")
+    rc = command("reconstruct", "batch inference over a store into a reconstruction store")
+    rc.add_argument("store", help="the element store whose records are reconstructed (all of them, in order)")
+    rc.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     rc.add_argument("--out", required=True, help="output Zarr store (a re-run continues it)")
-    rc.add_argument("--records-per-shard", type=int, default=2000)
+    rc.add_argument("--records-per-shard", type=int, default=2000,
+                    help="records per shard: one commit of the output (a re-run resumes after the last)")
     rc.add_argument("--grid-times", type=int, default=64, help="grid times per channel and record (0: none)")
     rc.add_argument("--grid-coords", type=int, default=0, help="grid wavelengths per spectral channel (0: none)")
-    rc.add_argument("--workers", type=int, default=1, help="local Dask worker processes (default 1: no Dask)")
+    rc.add_argument("--workers", type=int, default=1, help="local Dask worker processes (1: no Dask)")
     rc.add_argument("--dask-address", default=None, help="an existing Dask scheduler, e.g. tcp://host:8786")
     _device_option(rc, precision=True)
     rc.add_argument("--folds", type=int, default=5, metavar="K",
@@ -230,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads per worker (default OMP_NUM_THREADS, else the CPUs shared by the workers)")
     rc.set_defaults(fn=cmd_reconstruct)
 
-    ev = sub.add_parser("evaluate", help="score a model and honest baselines on hidden test (or val) elements")
-    ev.add_argument("store")
-    ev.add_argument("--checkpoint", required=True)
+    ev = command("evaluate", "score a model and honest baselines on hidden test (or val) elements")
+    ev.add_argument("store", help="the element store (its test or val split is scored)")
+    ev.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     ev.add_argument("--out", required=True, help="directory for evaluation.md, evaluation.json and PNG plots")
     ev.add_argument("--protocol", action="append", metavar="P",
                     help="holdout (30%% of elements hidden at random), holdout:FRACTION, modality:NAME "
@@ -242,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--samples", type=positive_int, default=16, metavar="K",
                     help="draws per hidden element for the distribution scores (CRPS, energy score per record, "
                          "sample coverage); default 16")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=int, default=0,
+                    help="seed of the hidden elements (one seed hides the same elements from every method)")
     _device_option(ev, precision=True)
     ev.add_argument("--max-records", type=int, default=None, help="limit each split to its first N records")
     ev.add_argument("--split", choices=["val", "test"], default="test",
@@ -250,14 +296,22 @@ def main(argv: list[str] | None = None) -> int:
                          "the baselines' sigma is then fitted on train)")
     ev.set_defaults(fn=cmd_evaluate)
 
-    demo = sub.add_parser("demo", help="ingest, train, reconstruct and evaluate on the bundled real samples")
-    demo.add_argument("--out", default="percival-demo", help="output directory (default ./percival-demo)")
-    demo.add_argument("--workers", type=int, default=2)
-    demo.add_argument("--steps", type=int, default=300, help="training steps of the demo model (default 300)")
+    demo = command("demo", "ingest, train, reconstruct and evaluate on the bundled real samples")
+    demo.add_argument("--out", default="percival-demo", help="output directory")
+    demo.add_argument("--workers", type=int, default=2, help="processes that ingest")
+    demo.add_argument("--steps", type=int, default=300, help="training steps of the demo's own model")
     demo.set_defaults(fn=cmd_demo)
 
-    add_serve_parser(sub)
+    models = command("models", "list the shipped pretrained models: data, licence, test-split quality")
+    models.add_argument("--json", action="store_true", help="print the model cards as JSON")
+    models.set_defaults(fn=cmd_models)
 
+    add_serve_parser(sub, HelpFormatter)
+    return p, dict(sub.choices)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p, commands = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["ingest"] and {"-h", "--help"} & set(argv):
         named = [a for a in argv[1:] if not a.startswith("-")]
@@ -265,21 +319,50 @@ def main(argv: list[str] | None = None) -> int:
             from datasets.sources import REGISTRY, get_source_class
 
             if named[0] in REGISTRY:
-                ing.print_help()
+                commands["ingest"].print_help()
                 print("\n" + get_source_class(named[0]).options_help())
                 return 0
     args = p.parse_args(argv)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `percival info X | head` ends quietly
-    if args.fn in (cmd_ingest, cmd_train, cmd_reconstruct, cmd_evaluate, cmd_demo) \
-            and not getattr(args, "no_prefect", False):
-        prefect_env.start_api_early()  # comes up while the command imports its flow
+    if not args.debug:
+        prefect_env.quiet_failures()
     try:
+        check_inputs(args)
+        if args.fn in (cmd_ingest, cmd_train, cmd_reconstruct, cmd_evaluate, cmd_demo) \
+                and not getattr(args, "no_prefect", False):
+            prefect_env.start_api_early()  # comes up while the command imports its flow
         return args.fn(args)
     except Exception as e:  # noqa: BLE001 - one line that names the problem, and a non-zero exit
         if args.debug:
             raise
         print(f"percival {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Wrong input fails here, in one line, before a Prefect API server starts or a flow run is made: an unknown
+    source, an archive path or a store that is not there, a checkpoint that is neither a directory nor a shipped
+    model (a name is replaced by its directory), an unknown protocol."""
+    if args.command == "ingest":
+        from datasets.sources import files, get_source_class
+
+        get_source_class(args.source)
+        storage = _options(args.input_storage_options, "--storage-option") if args.input_storage_options else None
+        if not files.exists(args.path, storage):
+            raise FileNotFoundError(f"{args.path}: no such file or directory")
+    if args.command in ("train", "reconstruct", "evaluate"):
+        from datasets.store import open_store
+
+        open_store(args.store)
+    if args.command in ("reconstruct", "evaluate"):
+        from perceiver.pretrained import resolve_checkpoint
+
+        args.checkpoint = resolve_checkpoint(args.checkpoint)
+    if args.command == "evaluate":
+        from pipelines.run.protocols import Protocol
+
+        for spec in args.protocol or ():
+            Protocol.parse(spec)
 
 
 def _one_line(error: BaseException) -> str:

@@ -194,10 +194,11 @@ def evaluate_flow(store: str, checkpoint: str, out_dir: str, protocols: tuple[st
         "holdout", "modality:labs"), seed: int = 0, max_records: int | None = None, split: str = "test",
         gradient_boost_elements: int | None = None, samples: int = 16, head: str | None = None,
         device: str = "auto", precision: str = "auto") -> dict:
-    """Evaluate the checkpoint in ``checkpoint`` on the store at ``store`` under each protocol (``holdout``,
-    ``holdout:FRACTION``, ``modality:NAME``) on the ``split`` split (``test``, or ``val`` to choose models and
-    settings); write ``evaluation.md``, ``evaluation.json`` and PNG plots into ``out_dir``; publish them as
-    artifacts. ``max_records`` limits each split to its first records (a quick look);
+    """Evaluate the checkpoint in ``checkpoint`` (a directory, or a shipped model's name) on the store at ``store``
+    under each protocol (``holdout``, ``holdout:FRACTION``, ``modality:NAME``, ``channel:NAME``) on the ``split``
+    split (``test``, or ``val`` to choose models and settings); write ``evaluation.md``, ``evaluation.json`` and PNG
+    plots into ``out_dir``; publish them as artifacts. ``max_records`` limits each split to its first records (a
+    quick look);
     ``gradient_boost_elements`` caps the gradient-boost baseline's training elements (default
     :data:`pipelines.run.baselines.GRADIENT_BOOST_MAX_ELEMENTS`); ``samples`` draws per hidden element score
     the model's distribution (CRPS, energy score, sample coverage); ``head``, where given, must be the
@@ -208,9 +209,11 @@ def evaluate_flow(store: str, checkpoint: str, out_dir: str, protocols: tuple[st
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     if samples < 1:
         raise ValueError(f"--samples must be a positive number of draws, got {samples}")
+    from perceiver.pretrained import resolve_checkpoint
     from pipelines.run.devices import resolve_device
 
     resolve_device(device)  # a GPU asked for where there is none fails before any work
+    checkpoint = resolve_checkpoint(checkpoint)  # a directory, or a shipped model's name
     t0 = time.perf_counter()
     logger = get_run_logger()
     Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib.util
+import logging
 import os
 import socket
 import subprocess
@@ -153,3 +154,18 @@ def dask_task_runner(workers: int, address: str | None = None):
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": max(workers, 1), "threads_per_worker": 1, "processes": True,
                                          "dashboard_address": None})
+
+
+class _WithoutTraceback(logging.Filter):
+    """Drops the traceback from a log record (its message, one line, stays)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+def quiet_failures() -> None:
+    """Prefect's run loggers print a failed run's whole traceback; the command line prints the error as one line
+    instead (``percival --debug`` keeps the traceback)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_WithoutTraceback())

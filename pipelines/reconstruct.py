@@ -105,7 +105,8 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
                      dask_address: str | None = None, precision: str = "auto", max_tokens: int = 16_384,
                      folds: int = 5, threads: int | None = None, samples: int = 0, head: str | None = None,
                      device: str = "auto") -> dict:
-    """Reconstruct every record of ``store`` with the model in ``checkpoint`` into the Zarr store ``out``.
+    """Reconstruct every record of ``store`` with the model in ``checkpoint`` (a directory, or a shipped model's name,
+    see :mod:`perceiver.pretrained`) into the Zarr store ``out``.
 
     ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (the first GPU where torch sees one, else the CPU);
     ``precision``: ``auto`` (bf16 autocast on a GPU, fp32 on a CPU), ``bf16`` or ``fp32``.
@@ -123,6 +124,7 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
     t0 = time.perf_counter()
     from datasets.loader import match_channels
     from perceiver.checkpoint import weights_sha256
+    from perceiver.pretrained import resolve_checkpoint
     from pipelines.run.config import load_run
     from pipelines.run.devices import resolve_device
 
@@ -133,6 +135,7 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
         raise ValueError(f"samples must be a positive number of draws (or 0: none), got {samples}")
 
     resolve_device(device)  # a GPU asked for where there is none fails here, before any shard runs
+    checkpoint = resolve_checkpoint(checkpoint)  # a directory, or a shipped model's name
     model, config = load_run(checkpoint)
     check_head(checkpoint, model.config.head.name, head)
     elements = open_store(store)

@@ -346,10 +346,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+def add_serve_parser(subparsers, formatter_class=argparse.HelpFormatter) -> argparse.ArgumentParser:
     """Add the ``serve`` subcommand to ``percival``'s subparsers."""
     p = subparsers.add_parser(
         "serve", help="run flows on schedules against a Prefect server (PREFECT_API_URL)",
+        formatter_class=formatter_class,
         description="Serve Percival's flows as scheduled Prefect deployments. Needs a running Prefect server: "
                     "`prefect server start`, then PREFECT_API_URL=http://127.0.0.1:4200/api. "
                     "See docs/schedules.md.")
@@ -366,7 +367,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="extra flow parameter for the command-line entries (JSON values), e.g. shard_size=1000")
     p.add_argument("--overlap", choices=list(OVERLAP), default="skip",
-                   help="a run due while the deployment's previous run still goes: skip it (cancelled, default), "
+                   help="a run due while the deployment's previous run still goes: skip it (cancelled), "
                         "queue it, or allow both at once")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="most flow runs this process executes at once")
     p.add_argument("--run-now", action="store_true", help="also start one run of every deployment right away")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -164,3 +165,44 @@ def test_version_and_one_line_errors_with_the_traceback_behind_debug(tmp_path, c
         assert err == f"percival info: error: {path}: no Zarr store here (no zarr.json)"
     with pytest.raises(StoreError):
         main(["--debug", "info", str(tmp_path / "missing.zarr")])
+
+
+def test_wrong_invocations_are_one_line_without_traceback(tmp_path, samples, physionet_sample_store,
+                                                          tiny_checkpoint):
+    """The issue's wrong invocations, as a user types them: one short line on stderr naming the problem, a
+    non-zero exit, no traceback (and no Prefect API server started for nothing)."""
+    store, missing = physionet_sample_store, str(tmp_path / "missing")
+    not_a_store = tmp_path / "notes.txt"
+    not_a_store.write_text("hello")
+    out = str(tmp_path / "out")
+    cases = {
+        ("info", missing): "no Zarr store here",
+        ("info", str(not_a_store)): "no Zarr store here",
+        ("ingest", "nosuch", str(samples / "macho"), "--store", out): "unknown source 'nosuch'",
+        ("ingest", "macho", missing, "--store", out): "no such file or directory",
+        ("train", missing, "--out", out): "no Zarr store here",
+        ("reconstruct", store, "--checkpoint", missing, "--out", out): "nor a shipped model",
+        ("evaluate", store, "--checkpoint", str(tmp_path), "--out", out): "not a checkpoint (no config.json)",
+        ("evaluate", store, "--checkpoint", tiny_checkpoint, "--out", out, "--protocol", "bogus"):
+            "unknown protocol 'bogus'",
+    }
+    for argv, says in cases.items():
+        r = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], capture_output=True, text=True)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and says in lines[0], (argv, r.stderr)
+        assert lines[0].startswith(f"percival {argv[0]}: error: ") and "Traceback" not in r.stdout + r.stderr
+
+
+def test_every_option_has_help_and_its_default_shown():
+    from pipelines.cli import build_parser
+
+    parser, parsers = build_parser()
+    parsers["percival"] = parser
+    assert {"ingest", "info", "train", "reconstruct", "evaluate", "models", "demo", "serve"} <= set(parsers)
+    for name, parser in parsers.items():
+        for action in parser._actions:
+            assert action.help, f"percival {name}: {action.dest} has no help"
+        for action in parser._actions:
+            if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
+                assert "default" in parser._get_formatter()._get_help_string(action), (name, action.dest)
+        assert parser.format_help().startswith("usage: percival")
