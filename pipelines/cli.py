@@ -39,10 +39,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         kwargs["input_storage_options"] = _options(args.input_storage_options, "--storage-option")
     if args.no_prefect:
         from datasets.ingest import ingest
+        from pipelines.ingest import shard_progress
 
-        report = ingest(args.source, args.path, args.store, workers=args.workers, **kwargs,
-                        progress=lambda i, r: print(f"  shard {i + 1}: {r.records_stored:,} records stored",
-                                                    file=sys.stderr))
+        count = shard_progress(f"ingest {args.source}")
+        try:
+            report = ingest(args.source, args.path, args.store, workers=args.workers, **kwargs, progress=count)
+        finally:
+            count.close()
         print(report.to_markdown())
         summary = report.summary()
     else:

@@ -27,6 +27,7 @@ from prefect.types import SecretDict
 from datasets.ingest import IngestReport, ShardMapper, ShardSpec, ingest, read_shard
 from datasets.schema import DEFAULT_MAX_RECORD_ELEMENTS, Validated
 from pipelines import prefect_env
+from pipelines.progress import progress
 from pipelines.retries import retry_on_io
 
 
@@ -35,19 +36,36 @@ def _run_ingest(source: str, path: str, store: str, shard_size: int | None, work
                 map_shards: ShardMapper | None = None) -> IngestReport:
     logger = get_run_logger()
     progress_id = create_progress_artifact(0.0, description=f"ingest {source} -> {store}")
+    count = shard_progress(f"ingest {source}", logger)
 
-    def progress(index: int, report: IngestReport) -> None:
-        logger.info("shard %d committed: %d records, %d elements so far", index + 1, report.records_stored,
-                    report.elements_stored)
+    def on_commit(index: int, report: IngestReport) -> None:
+        count(index, report)
         update_progress_artifact(progress_id, 100.0 * report.shards / max(report.shards_planned, 1))
 
-    report = ingest(source, path, store, shard_size=shard_size, workers=workers, options=options,
-                    max_record_elements=max_record_elements, progress=progress,
-                    input_storage_options=_secret(input_storage_options), map_shards=map_shards)
+    try:
+        report = ingest(source, path, store, shard_size=shard_size, workers=workers, options=options,
+                        max_record_elements=max_record_elements, progress=on_commit,
+                        input_storage_options=_secret(input_storage_options), map_shards=map_shards)
+    finally:
+        count.close()
     logger.info("%s: %d units, %d skipped (already in the store), %d shards", path, report.units_found,
                 report.units_skipped, report.shards)
     update_progress_artifact(progress_id, 100.0)
     return report
+
+
+def shard_progress(desc: str, logger=None):
+    """A callback for :func:`datasets.ingest.ingest`'s ``progress``: counts committed shards out of those planned,
+    with the records stored so far (:func:`pipelines.progress.progress`); ``.close()`` it at the end."""
+    bar = progress(None, "shard", desc, logger)
+
+    def count(index: int, report: IngestReport) -> None:
+        bar.total = report.shards_planned
+        bar.set_postfix(records=f"{report.records_stored:,}", elements=f"{report.elements_stored:,}", refresh=False)
+        bar.update(1)
+
+    count.close = bar.close
+    return count
 
 
 @task(name="ingest-archive", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io,

@@ -38,6 +38,7 @@ from datasets.store.reconstruction import (
 )
 from pipelines import prefect_env
 from pipelines.options import default_threads
+from pipelines.progress import progress
 from pipelines.retries import retry_on_io
 
 
@@ -167,9 +168,11 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
             args = {"store": store, "checkpoint": checkpoint, "staging": staging, "grid": grid,
                     "max_tokens": max_tokens, "precision": precision, "threads": threads,
                     "folds": folds, "samples": samples, "device": device}
-            with prefect_env.workers_share_api():
+            with prefect_env.workers_share_api(), progress(shards[-1][1] - shards[0][0], "record", "reconstruct",
+                                                           get_run_logger()) as bar:
                 for (a, b), path in zip(shards, _run_shards(shards, args, workers, dask_address), strict=True):
                     done += commit_task(out, provenance, model.config.sizes.d_latent, a, b, path)
+                    bar.update(b - a)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - t0

@@ -29,6 +29,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from datasets.store import open_store
 from perceiver.config import ModelConfig
+from pipelines.progress import progress
 from pipelines.run.config import RunConfig, apply_overrides
 
 log = logging.getLogger("pipelines.train")
@@ -92,14 +93,20 @@ def run_training(store: str, out_dir: str, config_json: str, nproc: int, resume:
         from pipelines.run.training import train
 
         s = open_store(store)
-        last = {"t": time.perf_counter()}
+        bar = None
 
-        def progress(record: dict) -> None:
-            if time.perf_counter() - last["t"] > 10 or record["step"] == config.train.steps:
-                logger.info("step %d/%d loss %.4f", record["step"], config.train.steps, record["loss"])
-                last["t"] = time.perf_counter()
+        def on_step(record: dict) -> None:
+            nonlocal bar
+            if bar is None:  # at the first step run: a resumed run starts where its checkpoint ended
+                bar = progress(config.train.steps, "step", "train", logger, initial=record["step"] - 1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+            bar.update(1)
 
-        return str(train(config, s, s.channels, out_dir, resume=resume, on_step=progress))
+        try:
+            return str(train(config, s, s.channels, out_dir, resume=resume, on_step=on_step))
+        finally:
+            if bar is not None:
+                bar.close()
     os.makedirs(out_dir, exist_ok=True)
     cfg_path = Path(out_dir) / "requested_config.json"
     if rdzv_endpoint is None:

@@ -56,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -67,6 +68,7 @@ from datasets.store.reader import Store, open_store
 from perceiver.metrics import Metrics
 from perceiver.model import Percival
 from perceiver.packing import segment_ids
+from pipelines.progress import progress
 from pipelines.run.baselines import GRADIENT_BOOST_MAX_ELEMENTS, GradientBoost, fit_gradient_boost, predict_baseline
 from pipelines.run.config import RunConfig
 from pipelines.run.inference import predict_hidden
@@ -111,11 +113,13 @@ DEFAULT_SAMPLES = 16
 
 def model_predictions(model: Percival, ds: ElementDataset, hidden: np.ndarray, batch_tokens: int = 8192,
                       max_records: int | None = 64, record_cost: int = 32, dtype: torch.dtype | None = None,
-                      n_samples: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                      n_samples: int = 0, seed: int = 0, logger: Any = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The model's mean and sigma (normalised) for the hidden elements, in packed dataset order
     (aligned with ``np.flatnonzero(hidden)``), and ``n_samples`` draws of each (K, n_hidden; None for 0).
     Only records with hidden elements are run, in length-aware batches (:func:`~datasets.loader.token_batches`,
-    ``shuffle=False``); every other element is visible."""
+    ``shuffle=False``); every other element is visible. Progress goes to ``logger`` where not on a terminal
+    (:func:`pipelines.progress.progress`)."""
     n_hidden = int(hidden.sum())
     mean, sigma = np.full(n_hidden, np.nan), np.full(n_hidden, np.nan)
     samples = np.full((n_samples, n_hidden), np.nan, np.float32) if n_samples else None
@@ -125,12 +129,14 @@ def model_predictions(model: Percival, ds: ElementDataset, hidden: np.ndarray, b
         return mean, sigma, samples
     position = np.cumsum(hidden) - 1  # index of each hidden element among the hidden ones
     batches = token_batches(ds.lengths[records], batch_tokens, max_records, shuffle=False, record_cost=record_cost)
-    for i, b in enumerate(batches):
-        q, pred = predict_hidden(model, ds, records[b], hidden, dtype, n_samples, seed=seed + i)
-        mean[position[q]] = pred.mean.numpy()
-        sigma[position[q]] = pred.sigma.numpy()
-        if n_samples:
-            samples[:, position[q]] = pred.samples.numpy()
+    with progress(len(records), "record", "evaluate: model", logger) as bar:
+        for i, b in enumerate(batches):
+            q, pred = predict_hidden(model, ds, records[b], hidden, dtype, n_samples, seed=seed + i)
+            mean[position[q]] = pred.mean.numpy()
+            sigma[position[q]] = pred.sigma.numpy()
+            if n_samples:
+                samples[:, position[q]] = pred.samples.numpy()
+            bar.update(len(b))
     return mean, sigma, samples
 
 
@@ -325,7 +331,8 @@ def evaluate_protocol(store: Store | str, model: Percival, config: RunConfig, pr
                       fit_split: str | None = None, score_split: str = SCORE_SPLIT,
                       dtype: torch.dtype | None = None,
                       gradient_boost_elements: int | None = GRADIENT_BOOST_MAX_ELEMENTS,
-                      gradient_boost_params: dict | None = None, n_samples: int = DEFAULT_SAMPLES) -> ProtocolResult:
+                      gradient_boost_params: dict | None = None, n_samples: int = DEFAULT_SAMPLES,
+                      logger: Any = None) -> ProtocolResult:
     """Run ``protocol`` on ``store``: train the gradient-boost baseline on the train split, fit the baselines'
     sigma on ``fit_split`` (by default :data:`SIGMA_SPLIT` of the scored split: ``val`` when scoring ``test``,
     the reserved train records when scoring ``val``), score everything on ``score_split`` (the first
@@ -333,7 +340,7 @@ def evaluate_protocol(store: Store | str, model: Percival, config: RunConfig, pr
     :func:`train_channel_means` when None). ``gradient_boost_elements``: at most this many train elements
     train the gradient-boost baseline; ``gradient_boost_params`` override its regressor settings. ``n_samples``
     draws per hidden element score the model's joint distribution (:func:`distribution_scores`; 0: only the
-    Gaussian closed forms)."""
+    Gaussian closed forms). ``logger``: where progress goes when not on a terminal."""
     store = open_store(store) if isinstance(store, str) else store
     protocol = Protocol.parse(protocol)
     fit_split = SIGMA_SPLIT.get(score_split, FIT_SPLIT) if fit_split is None else fit_split
@@ -389,7 +396,8 @@ def evaluate_protocol(store: Store | str, model: Percival, config: RunConfig, pr
         raise ValueError(f"protocol {protocol.name!r} would score nothing on {store.url}: {why}")
     sel = np.flatnonzero(hidden)
     value, error, channel = ds.value[sel], ds.error[sel], ds.channel[sel]
-    *preds_model, samples = model_predictions(model, ds, hidden, n_samples=n_samples, seed=seed, **batching)
+    *preds_model, samples = model_predictions(model, ds, hidden, n_samples=n_samples, seed=seed, logger=logger,
+                                                **batching)
     preds = {"model": tuple(preds_model)}
     for name, pred in baseline_predictions(ds, hidden, means, gb).items():
         preds[name] = (pred, baseline_sigma[name][channel])
