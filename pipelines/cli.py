@@ -120,15 +120,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_flow(args: argparse.Namespace, flow, *flow_args, **flow_kwargs):
+    """``flow`` on a Prefect API (the temporary one of :func:`prefect_env.start_api_early`, or the user's), or
+    with ``--no-prefect`` its plain function: tasks as plain calls, logs on stderr, no API server."""
+    if getattr(args, "no_prefect", False):
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        with prefect_env.without_prefect():
+            return flow.fn(*flow_args, **flow_kwargs)
+    with prefect_env.api():
+        return flow(*flow_args, **flow_kwargs)
+
+
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from pipelines.reconstruct import reconstruct_flow
 
-    with prefect_env.api():
-        summary = reconstruct_flow(args.store, args.checkpoint, args.out, records_per_shard=args.records_per_shard,
-                                   grid_times=args.grid_times, grid_coords=args.grid_coords, workers=args.workers,
-                                   dask_address=args.dask_address, precision=args.precision, folds=args.folds,
-                                   threads=args.threads, samples=args.samples or 0, head=args.head,
-                                   device=args.device)
+    summary = run_flow(args, reconstruct_flow, args.store, args.checkpoint, args.out,
+                       records_per_shard=args.records_per_shard, grid_times=args.grid_times,
+                       grid_coords=args.grid_coords, workers=args.workers, dask_address=args.dask_address,
+                       precision=args.precision, folds=args.folds, threads=args.threads, samples=args.samples or 0,
+                       head=args.head, device=args.device)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -136,11 +148,21 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipelines.evaluate import evaluate_flow
 
-    with prefect_env.api():
-        summary = evaluate_flow(args.store, args.checkpoint, args.out, protocols=tuple(args.protocol or ("holdout",)),
-                                seed=args.seed, max_records=args.max_records, split=args.split, samples=args.samples,
-                                head=args.head, device=args.device, precision=args.precision)
+    summary = run_flow(args, evaluate_flow, args.store, args.checkpoint, args.out,
+                       protocols=tuple(args.protocol or ("holdout",)), seed=args.seed, max_records=args.max_records,
+                       split=args.split, samples=args.samples, head=args.head, device=args.device,
+                       precision=args.precision)
     print(Path(summary["markdown"]).read_text())
+    return 0
+
+
+def cmd_chain(args: argparse.Namespace) -> int:
+    from pipelines.chain import chain_flow
+
+    summary = run_flow(args, chain_flow, args.source, args.path, args.store, args.checkpoint, args.out,
+                       evaluation=args.evaluation, protocols=tuple(args.protocol or ("holdout",)), split=args.split,
+                       shard_size=args.shard_size, options=_options(args.option), workers=args.workers)
+    print(json.dumps(summary, indent=1, default=str))
     return 0
 
 
@@ -276,6 +298,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                     help="check that the checkpoint has this output head (e.g. diffusion)")
     rc.add_argument("--threads", type=int, default=None,
                     help="torch threads per worker (default OMP_NUM_THREADS, else the CPUs shared by the workers)")
+    rc.add_argument("--no-prefect", action="store_true", help="run without Prefect (no API server, no artifact)")
     rc.set_defaults(fn=cmd_reconstruct)
 
     ev = command("evaluate", "score a model and honest baselines on hidden test (or val) elements")
@@ -297,7 +320,26 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     ev.add_argument("--split", choices=["val", "test"], default="test",
                     help="the split scored: test (default; to report) or val (to choose models and settings; "
                          "the baselines' sigma is then fitted on train)")
+    ev.add_argument("--no-prefect", action="store_true", help="run without Prefect (no API server, no artifact)")
     ev.set_defaults(fn=cmd_evaluate)
+
+    ch = command("chain", "ingest what is new, reconstruct the records the output lacks, evaluate: one flow "
+                          "(what `percival serve --chain` schedules)")
+    ch.add_argument("source", help="source name, as for ingest")
+    ch.add_argument("path", help="archive file or directory, as for ingest")
+    ch.add_argument("--store", required=True, help="the element store (created or appended to)")
+    ch.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    ch.add_argument("--out", required=True, help="the reconstruction store (continued after its last record)")
+    ch.add_argument("--evaluation", default=None, metavar="DIR",
+                    help="evaluate the model into DIR after reconstructing; default: no evaluation")
+    ch.add_argument("--protocol", action="append", metavar="P", help="evaluation protocol, as for evaluate; "
+                    "repeatable; default holdout")
+    ch.add_argument("--split", choices=["val", "test"], default="test", help="the split evaluated")
+    ch.add_argument("--shard-size", type=int, default=None, help="units (files) per ingest shard; default per source")
+    ch.add_argument("--workers", type=int, default=2, help="ingest processes")
+    ch.add_argument("--option", action="append", metavar="KEY=VALUE", help="source option, as for ingest")
+    ch.add_argument("--no-prefect", action="store_true", help="run without Prefect (no API server, no artifact)")
+    ch.set_defaults(fn=cmd_chain)
 
     demo = command("demo", "ingest, train, reconstruct and evaluate on the bundled real samples")
     demo.add_argument("--out", default="percival-demo", help="output directory")
@@ -331,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         prefect_env.quiet_failures()
     try:
         check_inputs(args)
-        if args.fn in (cmd_ingest, cmd_train, cmd_reconstruct, cmd_evaluate, cmd_demo) \
+        if args.fn in (cmd_ingest, cmd_train, cmd_reconstruct, cmd_evaluate, cmd_chain, cmd_demo) \
                 and not getattr(args, "no_prefect", False):
             prefect_env.start_api_early()  # comes up while the command imports its flow
         return args.fn(args)
@@ -346,22 +388,23 @@ def check_inputs(args: argparse.Namespace) -> None:
     """Wrong input fails here, in one line, before a Prefect API server starts or a flow run is made: an unknown
     source, an archive path or a store that is not there, a checkpoint that is neither a directory nor a shipped
     model (a name is replaced by its directory), an unknown protocol."""
-    if args.command == "ingest":
+    if args.command in ("ingest", "chain"):
         from datasets.sources import files, get_source_class
 
         get_source_class(args.source)
-        storage = _options(args.input_storage_options, "--storage-option") if args.input_storage_options else None
+        options = getattr(args, "input_storage_options", None)
+        storage = _options(options, "--storage-option") if options else None
         if not files.exists(args.path, storage):
             raise FileNotFoundError(f"{args.path}: no such file or directory")
     if args.command in ("train", "reconstruct", "evaluate"):
         from datasets.store import open_store
 
         open_store(args.store)
-    if args.command in ("reconstruct", "evaluate"):
+    if args.command in ("reconstruct", "evaluate", "chain"):
         from perceiver.pretrained import resolve_checkpoint
 
         args.checkpoint = resolve_checkpoint(args.checkpoint)
-    if args.command == "evaluate":
+    if args.command in ("evaluate", "chain"):
         from pipelines.run.protocols import Protocol
 
         for spec in args.protocol or ():

@@ -28,10 +28,10 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
-from pipelines import prefect_env  # noqa: F401  (settings before prefect is imported)
+from pipelines import prefect_env  # (first: settings before prefect is imported)
 from pipelines.retries import retry_on_io
 
 #: PNGs up to this size are embedded in their image artifact (a data URL the Prefect UI shows); larger ones
@@ -92,8 +92,8 @@ def evaluate_task(store: str, checkpoint: str, protocol: str, seed: int, max_rec
     result = evaluate_protocol(store, model, config, protocol, seed=seed, max_records=max_records, means=means,
                                score_split=split, n_samples=samples, dtype=inference_dtype(precision, where),
                                gradient_boost_elements=gradient_boost_elements or GRADIENT_BOOST_MAX_ELEMENTS,
-                               logger=get_run_logger())
-    get_run_logger().info("%s: %d hidden elements of %d %s records scored; gradient_boost: %s", protocol,
+                               logger=prefect_env.run_logger())
+    prefect_env.run_logger().info("%s: %d hidden elements of %d %s records scored; gradient_boost: %s", protocol,
                           result.n_elements, result.n_records, split, result.evidence.get("gradient_boost"))
     return result.to_dict()
 
@@ -166,6 +166,13 @@ def report_task(results: list[dict], plots: dict[str, list[str]], out_dir: str, 
            "protocols": results, "plots": names, "sub_nyquist_rms": rhythms or {}}
     json_path.write_text(json.dumps(doc, indent=1, default=float) + "\n")
 
+    summary = {"markdown": str(md_path), "json": str(json_path), "out_dir": str(out), "split": split,
+               "plots": [p for paths in plots.values() for p in paths],
+               "protocols": {r.protocol: {"n_records": r.n_records, "n_elements": r.n_elements,
+                                          "mse": {m: r.metrics[m].get("overall", {}).get("mse") for m in r.metrics},
+                                          "mse_vs_linear": _ratio(r)} for r in res}}
+    if prefect_env.prefect_off():
+        return summary
     # artifacts: the report (plots listed by path: the UI cannot read local files), a table, the plots
     listing = {p: [f"`{x}`" for x in paths] for p, paths in plots.items()}
     create_markdown_artifact(report_markdown(res, store, checkpoint, listing, embed=False),
@@ -178,11 +185,7 @@ def report_task(results: list[dict], plots: dict[str, list[str]], out_dir: str, 
             kind = Path(p).stem.rsplit("-", 1)[-1]
             create_image_artifact(_image_url(Path(p)), key=f"evaluation-{Protocol.parse(protocol).slug}-{kind}",
                                   description=f"{protocol}: {Path(p).name}")
-    return {"markdown": str(md_path), "json": str(json_path), "out_dir": str(out), "split": split,
-            "plots": [p for paths in plots.values() for p in paths],
-            "protocols": {r.protocol: {"n_records": r.n_records, "n_elements": r.n_elements,
-                                       "mse": {m: r.metrics[m].get("overall", {}).get("mse") for m in r.metrics},
-                                       "mse_vs_linear": _ratio(r)} for r in res}}
+    return summary
 
 
 def _ratio(result) -> float | None:
@@ -216,18 +219,19 @@ def evaluate_flow(store: str, checkpoint: str, out_dir: str, protocols: tuple[st
     resolve_device(device)  # a GPU asked for where there is none fails before any work
     checkpoint = resolve_checkpoint(checkpoint)  # a directory, or a shipped model's name
     t0 = time.perf_counter()
-    logger = get_run_logger()
+    logger = prefect_env.run_logger()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    names = plan_task(store, checkpoint, list(protocols), head)
-    means = channel_means_task(store, checkpoint)
+    names = prefect_env.run(plan_task, store, checkpoint, list(protocols), head)
+    means = prefect_env.run(channel_means_task, store, checkpoint)
     results, plots = [], {}
     for name in names:
-        result = evaluate_task(store, checkpoint, name, seed, max_records, means, split, gradient_boost_elements,
-                               samples, device, precision)
-        plots[name] = plots_task(store, checkpoint, name, seed, max_records, means, result, out_dir)
+        result = prefect_env.run(evaluate_task, store, checkpoint, name, seed, max_records, means, split,
+                                 gradient_boost_elements, samples, device, precision)
+        plots[name] = prefect_env.run(plots_task, store, checkpoint, name, seed, max_records, means, result, out_dir)
         results.append(result)
-    rhythms = rhythms_task(store, checkpoint, split)
-    summary = report_task(results, plots, out_dir, store, checkpoint, seed, max_records, split, rhythms)
+    rhythms = prefect_env.run(rhythms_task, store, checkpoint, split)
+    summary = prefect_env.run(report_task, results, plots, out_dir, store, checkpoint, seed, max_records, split,
+                              rhythms)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     logger.info("evaluation written to %s", summary["markdown"])
     return summary

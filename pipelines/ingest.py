@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -34,13 +34,15 @@ from pipelines.retries import retry_on_io
 def _run_ingest(source: str, path: str, store: str, shard_size: int | None, workers: int, options: dict,
                 max_record_elements: int, input_storage_options: SecretDict | None,
                 map_shards: ShardMapper | None = None) -> IngestReport:
-    logger = get_run_logger()
-    progress_id = create_progress_artifact(0.0, description=f"ingest {source} -> {store}")
+    logger = prefect_env.run_logger()
+    artifact = None if prefect_env.prefect_off() else create_progress_artifact(
+        0.0, description=f"ingest {source} -> {store}")
     count = shard_progress(f"ingest {source}", logger)
 
     def on_commit(index: int, report: IngestReport) -> None:
         count(index, report)
-        update_progress_artifact(progress_id, 100.0 * report.shards / max(report.shards_planned, 1))
+        if artifact is not None:
+            update_progress_artifact(artifact, 100.0 * report.shards / max(report.shards_planned, 1))
 
     try:
         report = ingest(source, path, store, shard_size=shard_size, workers=workers, options=options,
@@ -50,7 +52,8 @@ def _run_ingest(source: str, path: str, store: str, shard_size: int | None, work
         count.close()
     logger.info("%s: %d units, %d skipped (already in the store), %d shards", path, report.units_found,
                 report.units_skipped, report.shards)
-    update_progress_artifact(progress_id, 100.0)
+    if artifact is not None:
+        update_progress_artifact(artifact, 100.0)
     return report
 
 
@@ -125,8 +128,8 @@ def ingest_flow(source: str, path: str, store: str, shard_size: int | None = Non
         report = _run_ingest(source, path, store, shard_size, workers, dict(options or {}), max_record_elements,
                              input_storage_options, dask_shards(workers, dask_address))
     else:
-        report = ingest_task(source, path, store, shard_size, workers, dict(options or {}), max_record_elements,
-                             input_storage_options)
+        report = prefect_env.run(ingest_task, source, path, store, shard_size, workers, dict(options or {}),
+                                 max_record_elements, input_storage_options)
     report.seconds = time.perf_counter() - t0
     _publish(report)
     return report.summary()
@@ -140,6 +143,8 @@ def _secret(options: SecretDict | dict | None) -> dict:
 
 
 def _publish(report: IngestReport) -> None:
+    if prefect_env.prefect_off():
+        return
     create_markdown_artifact(report.to_markdown(), key="ingest-report",
                              description=f"ingest {report.source} -> {report.store}")
     per_file = report.per_file.astype({"read": int, "stored": int, "quarantined": int})

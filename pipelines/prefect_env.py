@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import contextvars
 import importlib.util
 import logging
 import os
@@ -169,3 +170,53 @@ def quiet_failures() -> None:
     instead (``percival --debug`` keeps the traceback)."""
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_WithoutTraceback())
+
+
+# ----------------------------------------------------------------------------------- flows without Prefect
+
+_WITHOUT_PREFECT: contextvars.ContextVar[bool] = contextvars.ContextVar("percival_without_prefect", default=False)
+
+
+@contextlib.contextmanager
+def without_prefect() -> Iterator[None]:
+    """A flow's plain function (``flow.fn(...)``) called inside this block runs its tasks as plain functions:
+    no API server, no task runs, no artifacts; logs go to the ``percival`` logger (``--no-prefect``)."""
+    token = _WITHOUT_PREFECT.set(True)
+    try:
+        yield
+    finally:
+        _WITHOUT_PREFECT.reset(token)
+
+
+def prefect_off() -> bool:
+    """Whether this code runs inside :func:`without_prefect`."""
+    return _WITHOUT_PREFECT.get()
+
+
+def run(task, *args, **kwargs):
+    """Call the Prefect task ``task``: a task run inside a flow run, its plain function inside
+    :func:`without_prefect`."""
+    return task.fn(*args, **kwargs) if prefect_off() else task(*args, **kwargs)
+
+
+def run_logger():
+    """The flow or task run's logger; the ``percival`` logger inside :func:`without_prefect`."""
+    if prefect_off():
+        return logging.getLogger("percival")
+    from prefect import get_run_logger
+
+    return get_run_logger()
+
+
+def markdown_artifact(markdown: str, key: str) -> None:
+    """Publish ``markdown`` as the run's artifact ``key`` (nothing inside :func:`without_prefect`)."""
+    if not prefect_off():
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(markdown, key=key)
+
+
+def run_flow(flow, *args, **kwargs):
+    """Call the Prefect flow ``flow``: a subflow run inside a flow run, its plain function inside
+    :func:`without_prefect`."""
+    return flow.fn(*args, **kwargs) if prefect_off() else flow(*args, **kwargs)

@@ -23,8 +23,7 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect import flow, task
 
 from datasets.store import open_store
 from datasets.store.appendable import StoreError
@@ -96,7 +95,7 @@ def commit_task(out: str, provenance: dict, d_latent: int, start: int, stop: int
     with ReconstructionWriter(out, provenance, d_latent) as w:
         new = w.append_range(start, stop, arrays)  # skips what a retried commit or another run already stored
     os.remove(path)
-    get_run_logger().info("records %d..%d reconstructed (%d new)", start, stop, new)
+    prefect_env.run_logger().info("records %d..%d reconstructed (%d new)", start, stop, new)
     return new
 
 
@@ -157,7 +156,7 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
     if existing and store_samples(existing) != samples:
         raise StoreError(f"{out} holds reconstructions with samples={store_samples(existing)}, not {samples}: "
                          "choose another output or the same samples")
-    shards = plan_task(store, out, records_per_shard)
+    shards = prefect_env.run(plan_task, store, out, records_per_shard)
     grid = provenance["grid"]
     done = 0
     if shards:
@@ -169,16 +168,16 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
                     "max_tokens": max_tokens, "precision": precision, "threads": threads,
                     "folds": folds, "samples": samples, "device": device}
             with prefect_env.workers_share_api(), progress(shards[-1][1] - shards[0][0], "record", "reconstruct",
-                                                           get_run_logger()) as bar:
+                                                           prefect_env.run_logger()) as bar:
                 for (a, b), path in zip(shards, _run_shards(shards, args, workers, dask_address), strict=True):
-                    done += commit_task(out, provenance, model.config.sizes.d_latent, a, b, path)
+                    done += prefect_env.run(commit_task, out, provenance, model.config.sizes.d_latent, a, b, path)
                     bar.update(b - a)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - t0
     summary = {"out": out, "shards": len(shards), "records": done, "seconds": round(seconds, 2),
                "records_per_s": round(done / seconds, 1) if seconds else 0.0}
-    create_markdown_artifact(f"## Reconstruct `{store}` → `{out}`\n\n{len(shards)} shards, {done:,} records, "
+    prefect_env.markdown_artifact(f"## Reconstruct `{store}` → `{out}`\n\n{len(shards)} shards, {done:,} records, "
                              f"{seconds:.1f} s ({summary['records_per_s']} records/s); checkpoint "
                              f"`{checkpoint}` (sha256 {provenance['checkpoint_sha256'][:12]}…).",
                              key="reconstruct-report")
@@ -221,8 +220,10 @@ def _run_shards(shards: list[tuple[int, int]], args: dict, workers: int, dask_ad
                 ) -> Iterator[str]:
     """Staged shard paths in shard order: in this process, or on a (local or remote) Dask cluster."""
     if dask_address is None and workers <= 1:
-        yield from (reconstruct_shard_task(start=a, stop=b, **args) for a, b in shards)
+        yield from (prefect_env.run(reconstruct_shard_task, start=a, stop=b, **args) for a, b in shards)
         return
+    if prefect_env.prefect_off():
+        raise ValueError("--workers > 1 and --dask-address run shards as Prefect tasks on Dask: not with --no-prefect")
     runner = prefect_env.dask_task_runner(workers, dask_address)
     with runner:
         futures = [runner.submit(reconstruct_shard_task, {"start": a, "stop": b, **args}) for a, b in shards]

@@ -68,14 +68,50 @@ def check_ingest(params: dict) -> None:
         print(f"percival serve: warning: {path} does not exist (yet); runs fail until it does", file=sys.stderr)
 
 
+def check_model(params: dict) -> None:
+    """The checkpoint is a checkpoint directory (made absolute) or a shipped model's name (its directory)."""
+    from perceiver.pretrained import resolve_checkpoint
+
+    try:
+        params["checkpoint"] = str(Path(resolve_checkpoint(params["checkpoint"])).absolute())
+    except FileNotFoundError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def check_evaluate(params: dict) -> None:
+    """The model, and the protocols (known kinds)."""
+    from pipelines.run.protocols import Protocol
+
+    check_model(params)
+    for spec in params.get("protocols") or ():
+        Protocol.parse(spec)
+
+
+def check_chain(params: dict) -> None:
+    check_ingest(params)
+    check_evaluate(params)
+
+
 #: The schedulable flows by name: the name is the ``--NAME`` option and the ``[[NAME]]`` table of a file.
 SCHEDULABLE: dict[str, Schedulable] = {
     "ingest": Schedulable("pipelines.ingest:ingest_flow", ("source", "path", "store"), paths=("path", "store"),
                           name_from="store", help="ingest the files of PATH that STORE lacks",
                           check="pipelines.serve:check_ingest"),
-    # "reconstruct": Schedulable("pipelines.reconstruct:reconstruct_flow", ("store", "checkpoint", "out"),
-    #                            paths=("store", "checkpoint", "out"), name_from="out",
-    #                            help="reconstruct the records of STORE that OUT lacks"),
+    "reconstruct": Schedulable("pipelines.reconstruct:reconstruct_flow", ("store", "checkpoint", "out"),
+                               paths=("store", "out"), name_from="out",
+                               help="reconstruct the records of STORE that OUT lacks, with CHECKPOINT (a "
+                                    "directory or a shipped model's name)",
+                               check="pipelines.serve:check_model"),
+    "evaluate": Schedulable("pipelines.evaluate:evaluate_flow", ("store", "checkpoint", "out_dir"),
+                            paths=("store", "out_dir"), name_from="out_dir",
+                            help="evaluate CHECKPOINT on STORE into the folder OUT_DIR",
+                            check="pipelines.serve:check_evaluate"),
+    "chain": Schedulable("pipelines.chain:chain_flow", ("source", "path", "store", "checkpoint", "out"),
+                         paths=("path", "store", "out", "evaluation"), name_from="out",
+                         help="ingest the files of PATH that STORE lacks, then reconstruct the records OUT lacks "
+                              "with CHECKPOINT (and evaluate into the folder of the parameter evaluation, "
+                              "where given)",
+                         check="pipelines.serve:check_chain"),
 }
 
 #: ``--overlap``: what the server does with a run that is due while the previous run of the same deployment
