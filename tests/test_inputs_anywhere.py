@@ -152,8 +152,9 @@ def test_test_layout_pieces_keep_objects_whole(test_layout, tmp_path, compress):
 
 def _element_hash(store) -> str:
     h = hashlib.sha256()
+    elements = store.read()
     for name in ("time", "channel", "value", "error", "coord", "row_size"):
-        h.update(np.ascontiguousarray(store.group[name][:]).tobytes())
+        h.update(np.ascontiguousarray(getattr(elements, name)).tobytes())
     return h.hexdigest()
 
 
