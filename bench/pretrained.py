@@ -83,7 +83,7 @@ def samples_check(name: str, checkpoint: str, full_store: str, work: Path) -> di
             "holdout": overall(json.loads(Path(ev["json"]).read_text()), "holdout")}
 
 
-def release(name: str, data: Path, work: Path, command: str, trained_commit: str) -> dict:
+def release(name: str, data: Path, work: Path, command: str, commit: str, trained_commit: str) -> dict:
     from datasets.ingest import ingest
     from perceiver.checkpoint import weights_sha256
     from pipelines.evaluate import evaluate_flow
@@ -113,7 +113,7 @@ def release(name: str, data: Path, work: Path, command: str, trained_commit: str
                    "interpolation")
     doc = {"name": name, **card, "weights_sha256": weights_sha256(out), "preset": "small", "steps": trained["steps"],
            "overrides": overrides,
-           "train_loss": trained["train_loss"], "command": command, "commit": git_commit(),
+           "train_loss": trained["train_loss"], "command": command, "commit": commit,
            "trained_at_commit": trained_commit, "cpu": cpu_model(),
            "date": datetime.date.today().isoformat(), "quality": quality, "test": test, "samples": check}
     (out / "card.json").write_text(json.dumps(doc, indent=1, default=float) + "\n")
@@ -136,9 +136,10 @@ def main() -> int:
         return 0
     work = Path(args.work or tempfile.mkdtemp(prefix="percival-pretrained-"))
     command = " ".join(["bench/pretrained.py", *sys.argv[1:]])
+    commit = git_commit()  # before this command writes its models into the checkout
     for name in RELEASES:
         if args.only in (None, name):
-            release(name, data, work / name, command, args.trained_commit or git_commit())
+            release(name, data, work / name, command, commit, args.trained_commit or commit)
     return 0
 
 
