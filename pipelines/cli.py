@@ -121,9 +121,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                   nproc=args.nproc, resume=not args.no_resume, head=args.head, device=args.device,
                   nnodes=args.nnodes, node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint,
                   rdzv_id=args.rdzv_id)
-    from pipelines.train import check_launch
-
-    check_launch(args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint)  # before the API server is waited for
     if args.no_prefect:
         import logging
 
@@ -420,6 +417,10 @@ def check_inputs(args: argparse.Namespace) -> None:
         storage = _options(options, "--storage-option") if options else None
         if not files.exists(args.path, storage):
             raise FileNotFoundError(f"{args.path}: no such file or directory")
+    if args.command == "train":  # the launch flags first: they say what to change on every node
+        from pipelines.train import check_launch
+
+        check_launch(args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint)
     if args.command in ("train", "reconstruct", "evaluate"):
         from datasets.store import open_store
 
