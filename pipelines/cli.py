@@ -178,7 +178,8 @@ def cmd_chain(args: argparse.Namespace) -> int:
 
     summary = run_flow(args, chain_flow, args.source, args.path, args.store, args.checkpoint, args.out,
                        evaluation=args.evaluation, protocols=tuple(args.protocol or ("holdout",)), split=args.split,
-                       shard_size=args.shard_size, options=_options(args.option), workers=args.workers)
+                       shard_size=args.shard_size, options=_options(args.option), workers=args.workers,
+                       grid_times=args.grid_times, folds=args.folds)
     print(json.dumps(summary, indent=1, default=str))
     return 0
 
@@ -356,6 +357,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     ch.add_argument("--protocol", action="append", metavar="P", help="evaluation protocol, as for evaluate; "
                     "repeatable; default holdout")
     ch.add_argument("--split", choices=["val", "test"], default="test", help="the split evaluated")
+    ch.add_argument("--grid-times", type=int, default=64, help="grid times per channel and record, as for "
+                                                                 "reconstruct (0: none)")
+    ch.add_argument("--folds", type=int, default=5, metavar="K", help="out-of-sample folds, as for reconstruct "
+                                                                      "(0 or 1: off)")
     ch.add_argument("--shard-size", type=int, default=None, help="units (files) per ingest shard; default per source")
     ch.add_argument("--workers", type=int, default=2, help="ingest processes")
     ch.add_argument("--option", action="append", metavar="KEY=VALUE", help="source option, as for ingest")

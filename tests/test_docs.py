@@ -31,7 +31,7 @@ SMALL = [
     (r"(?<![\w/])datasets/samples/", f"{SAMPLES}/"),
     (r"(percival train [^\n#]*?)(\s*(#.*)?)$", r"\1 --preset tiny --steps 4\2"),
     (r"(percival evaluate [^\n#]*?)(\s*(#.*)?)$", r"\1 --max-records 40\2"),
-    (r"(percival reconstruct [^\n#]*?)(\s*(#.*)?)$", r"\1 --folds 0\2"),  # one encoder pass per record
+    (r"(percival (?:reconstruct|chain) [^\n#]*?)(\s*(#.*)?)$", r"\1 --folds 0\2"),  # one encoder pass a record
     (r"percival serve (?!.*&\s*$)", "percival serve --dry-run "),  # one in the background is the real thing
     (r"(percival demo)\b", r"\1 --steps 4"),
     (r"ModelConfig\.preset\(\"small\"\)", 'ModelConfig.preset("tiny")'),
