@@ -3,6 +3,11 @@
 The ephemeral API server (used when no ``PREFECT_API_URL`` is configured) needs 9-13 s for a cold first flow
 on these machines, longer than Prefect's default start-up timeout; analytics calls would try the network.
 Values the user has set are kept: with ``PREFECT_API_URL`` pointing at a running server, flows use it.
+
+Also how the flows run without Prefect (``--no-prefect``): inside :func:`without_prefect` a flow's plain
+function calls its tasks and subflows as plain functions (:func:`run`, :func:`run_flow`), logs through the
+``percival`` logger (:func:`run_logger`) and publishes no artifacts; and :func:`quiet_failures`, which keeps a
+failed run's traceback out of Prefect's log lines on the command line.
 """
 
 from __future__ import annotations
