@@ -71,7 +71,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"  trained on: {card['training_data']}")
         for line in card.get("quality", []):
             print(f"  {line}")
-        print(f"  licence: {card['data_licence']}")
+        print(f"  data licence: {card['data_licence']}; credit: {card['attribution']}")
         print(f"  made by:  {card['command']} (commit {card['commit'][:12]})")
         print(f"  path:     {path}\n")
     return 0
