@@ -39,13 +39,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         kwargs["input_storage_options"] = _options(args.input_storage_options, "--storage-option")
     if args.no_prefect:
         from datasets.ingest import ingest
-        from pipelines.ingest import shard_progress
+        from pipelines.ingest import ShardProgress
 
-        count = shard_progress(f"ingest {args.source}")
-        try:
+        with ShardProgress(f"ingest {args.source}") as count:
             report = ingest(args.source, args.path, args.store, workers=args.workers, **kwargs, progress=count)
-        finally:
-            count.close()
         print(report.to_markdown())
         summary = report.summary()
     else:
@@ -216,6 +213,10 @@ def _device_option(parser: argparse.ArgumentParser, default: str | None = "auto"
                              f"default {default_text}")
 
 
+def _no_prefect_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-prefect", action="store_true", help="run without Prefect (no API server, no artifact)")
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Each option's help ends with its default, where it has one and the help does not say it already."""
 
@@ -320,7 +321,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                     help="check that the checkpoint has this output head (e.g. diffusion)")
     rc.add_argument("--threads", type=int, default=None,
                     help="torch threads per worker (default OMP_NUM_THREADS, else the CPUs shared by the workers)")
-    rc.add_argument("--no-prefect", action="store_true", help="run without Prefect (no API server, no artifact)")
+    _no_prefect_option(rc)
     rc.set_defaults(fn=cmd_reconstruct)
 
     ev = command("evaluate", "score a model and honest baselines on hidden test (or val) elements")
@@ -342,7 +343,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     ev.add_argument("--split", choices=["val", "test"], default="test",
                     help="the split scored: test (default; to report) or val (to choose models and settings; "
                          "the baselines' sigma is then fitted on train)")
-    ev.add_argument("--no-prefect", action="store_true", help="run without Prefect (no API server, no artifact)")
+    _no_prefect_option(ev)
     ev.set_defaults(fn=cmd_evaluate)
 
     ch = command("chain", "ingest what is new, reconstruct the records the output lacks, evaluate: one flow "
@@ -364,7 +365,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     ch.add_argument("--shard-size", type=int, default=None, help="units (files) per ingest shard; default per source")
     ch.add_argument("--workers", type=int, default=2, help="ingest processes")
     ch.add_argument("--option", action="append", metavar="KEY=VALUE", help="source option, as for ingest")
-    ch.add_argument("--no-prefect", action="store_true", help="run without Prefect (no API server, no artifact)")
+    _no_prefect_option(ch)
     ch.set_defaults(fn=cmd_chain)
 
     demo = command("demo", "ingest, train, reconstruct and evaluate on the bundled real samples")

@@ -89,12 +89,13 @@ def evaluate_task(store: str, checkpoint: str, protocol: str, seed: int, max_rec
 
     where = resolve_device(device)
     model, config = load_run(checkpoint, where)
+    logger = prefect_env.run_logger()
     result = evaluate_protocol(store, model, config, protocol, seed=seed, max_records=max_records, means=means,
                                score_split=split, n_samples=samples, dtype=inference_dtype(precision, where),
                                gradient_boost_elements=gradient_boost_elements or GRADIENT_BOOST_MAX_ELEMENTS,
-                               logger=prefect_env.run_logger())
-    prefect_env.run_logger().info("%s: %d hidden elements of %d %s records scored; gradient_boost: %s", protocol,
-                          result.n_elements, result.n_records, split, result.evidence.get("gradient_boost"))
+                               logger=logger)
+    logger.info("%s: %d hidden elements of %d %s records scored; gradient_boost: %s", protocol,
+                result.n_elements, result.n_records, split, result.evidence.get("gradient_boost"))
     return result.to_dict()
 
 

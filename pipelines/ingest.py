@@ -37,19 +37,15 @@ def _run_ingest(source: str, path: str, store: str, shard_size: int | None, work
     logger = prefect_env.run_logger()
     artifact = None if prefect_env.prefect_off() else create_progress_artifact(
         0.0, description=f"ingest {source} -> {store}")
-    count = shard_progress(f"ingest {source}", logger)
+    with ShardProgress(f"ingest {source}", logger) as count:
+        def on_commit(index: int, report: IngestReport) -> None:
+            count(index, report)
+            if artifact is not None:
+                update_progress_artifact(artifact, 100.0 * report.shards / max(report.shards_planned, 1))
 
-    def on_commit(index: int, report: IngestReport) -> None:
-        count(index, report)
-        if artifact is not None:
-            update_progress_artifact(artifact, 100.0 * report.shards / max(report.shards_planned, 1))
-
-    try:
         report = ingest(source, path, store, shard_size=shard_size, workers=workers, options=options,
                         max_record_elements=max_record_elements, progress=on_commit,
                         input_storage_options=_secret(input_storage_options), map_shards=map_shards)
-    finally:
-        count.close()
     logger.info("%s: %d units, %d skipped (already in the store), %d shards", path, report.units_found,
                 report.units_skipped, report.shards)
     if artifact is not None:
@@ -57,18 +53,24 @@ def _run_ingest(source: str, path: str, store: str, shard_size: int | None, work
     return report
 
 
-def shard_progress(desc: str, logger=None):
+class ShardProgress:
     """A callback for :func:`datasets.ingest.ingest`'s ``progress``: counts committed shards out of those planned,
-    with the records stored so far (:func:`pipelines.progress.progress`); ``.close()`` it at the end."""
-    bar = progress(None, "shard", desc, logger)
+    with the records and elements stored so far (:func:`pipelines.progress.progress`). Use it in ``with``."""
 
-    def count(index: int, report: IngestReport) -> None:
-        bar.total = report.shards_planned
-        bar.set_postfix(records=f"{report.records_stored:,}", elements=f"{report.elements_stored:,}", refresh=False)
-        bar.update(1)
+    def __init__(self, desc: str, logger=None):
+        self.bar = progress(None, "shard", desc, logger)
 
-    count.close = bar.close
-    return count
+    def __call__(self, index: int, report: IngestReport) -> None:
+        self.bar.total = report.shards_planned
+        self.bar.set_postfix(records=f"{report.records_stored:,}", elements=f"{report.elements_stored:,}",
+                             refresh=False)
+        self.bar.update(1)
+
+    def __enter__(self) -> ShardProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
 
 
 @task(name="ingest-archive", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io,

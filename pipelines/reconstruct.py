@@ -178,9 +178,9 @@ def reconstruct_flow(store: str, checkpoint: str, out: str, records_per_shard: i
     summary = {"out": out, "shards": len(shards), "records": done, "seconds": round(seconds, 2),
                "records_per_s": round(done / seconds, 1) if seconds else 0.0}
     prefect_env.markdown_artifact(f"## Reconstruct `{store}` → `{out}`\n\n{len(shards)} shards, {done:,} records, "
-                             f"{seconds:.1f} s ({summary['records_per_s']} records/s); checkpoint "
-                             f"`{checkpoint}` (sha256 {provenance['checkpoint_sha256'][:12]}…).",
-                             key="reconstruct-report")
+                                  f"{seconds:.1f} s ({summary['records_per_s']} records/s); checkpoint "
+                                  f"`{checkpoint}` (sha256 {provenance['checkpoint_sha256'][:12]}…).",
+                                  key="reconstruct-report")
     return summary
 
 
